@@ -1,0 +1,489 @@
+//! The JetStream implementation of [`EventLog`].
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer, stream};
+use async_trait::async_trait;
+use futures::{FutureExt, StreamExt};
+
+use crate::error::{Error, Result};
+use crate::log::{Ack, Append, DurableConsumer, EventLog, Record, RecordStream, StreamKind};
+use crate::subject::Streams;
+
+/// Stream settings for [`JetStreamLog`].
+#[derive(Debug, Clone)]
+pub struct JetStreamConfig {
+    /// How long JetStream remembers message ids for deduplication.
+    pub duplicate_window: Duration,
+    /// How long heartbeat batches are kept. Restart recovery only needs the last beat of each
+    /// live instance, so this only has to cover the longest `ratio x TTL`.
+    pub heartbeat_max_age: Duration,
+    /// Upper bound on the heartbeat stream's size, in bytes.
+    pub heartbeat_max_bytes: i64,
+    /// Stream replicas (1 for a single server, 3 for a cluster).
+    pub replicas: usize,
+    /// How long a publish waits for JetStream's acknowledgement.
+    pub ack_timeout: Duration,
+}
+
+impl Default for JetStreamConfig {
+    fn default() -> Self {
+        JetStreamConfig {
+            duplicate_window: Duration::from_secs(120),
+            heartbeat_max_age: Duration::from_secs(15 * 60),
+            heartbeat_max_bytes: 1 << 30,
+            replicas: 1,
+            ack_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// [`EventLog`] on NATS JetStream. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct JetStreamLog {
+    client: async_nats::Client,
+    context: jetstream::Context,
+    streams: Streams,
+    config: JetStreamConfig,
+}
+
+fn unavailable(error: impl std::fmt::Display) -> Error {
+    Error::Unavailable(error.to_string())
+}
+
+impl JetStreamLog {
+    /// Connects to `url` (retrying in the background after the first connection is lost).
+    pub async fn connect(url: &str, streams: Streams, config: JetStreamConfig) -> Result<Self> {
+        let client = async_nats::ConnectOptions::new()
+            .name("registry")
+            .connection_timeout(Duration::from_secs(2))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connect(url)
+            .await
+            .map_err(unavailable)?;
+        // `retry_on_initial_connect` returns before the first connection; wait for it briefly so
+        // that a wrong URL is reported at start-up instead of as failing calls.
+        let log = JetStreamLog::with_client(client, streams, config);
+        log.wait_connected(Duration::from_secs(5)).await?;
+        Ok(log)
+    }
+
+    /// Wraps an existing connection.
+    pub fn with_client(
+        client: async_nats::Client,
+        streams: Streams,
+        config: JetStreamConfig,
+    ) -> Self {
+        let context = jetstream::ContextBuilder::new()
+            .timeout(config.ack_timeout)
+            .build(client.clone());
+        JetStreamLog {
+            client,
+            context,
+            streams,
+            config,
+        }
+    }
+
+    /// The underlying NATS connection.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// Waits until the connection is up, at most `limit`.
+    pub async fn wait_connected(&self, limit: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.is_connected() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Unavailable("NATS is not reachable".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// True while the connection to NATS is up.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn stream_name(&self, stream: StreamKind) -> String {
+        match stream {
+            StreamKind::Events => self.streams.events_stream(),
+            StreamKind::Heartbeats => self.streams.heartbeats_stream(),
+        }
+    }
+
+    fn stream_config(&self, kind: StreamKind) -> stream::Config {
+        let common = stream::Config {
+            name: self.stream_name(kind),
+            storage: stream::StorageType::File,
+            num_replicas: self.config.replicas,
+            duplicate_window: self.config.duplicate_window,
+            allow_direct: true,
+            ..Default::default()
+        };
+        match kind {
+            StreamKind::Events => stream::Config {
+                subjects: self.streams.events_subjects(),
+                description: Some("Service registry: instance and engine events".into()),
+                deny_delete: true,
+                deny_purge: false,
+                ..common
+            },
+            StreamKind::Heartbeats => stream::Config {
+                subjects: self.streams.heartbeats_subjects(),
+                description: Some("Service registry: heartbeat batches".into()),
+                max_age: self.config.heartbeat_max_age,
+                max_bytes: self.config.heartbeat_max_bytes,
+                discard: stream::DiscardPolicy::Old,
+                ..common
+            },
+        }
+    }
+
+    async fn stream(&self, kind: StreamKind) -> Result<stream::Stream> {
+        let name = self.stream_name(kind);
+        self.context
+            .get_stream(&name)
+            .await
+            .map_err(|error| match error.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(inner)
+                    if inner.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    Error::StreamNotFound(name)
+                }
+                _ => unavailable(error),
+            })
+    }
+
+    fn publish_message(append: Append) -> (String, jetstream::message::PublishMessage) {
+        let mut headers = HeaderMap::new();
+        for (name, value) in &append.headers {
+            headers.append(name.as_str(), value.as_str());
+        }
+        let mut message = jetstream::message::PublishMessage::build()
+            .payload(append.payload)
+            .headers(headers);
+        if let Some(id) = &append.msg_id {
+            message = message.message_id(id);
+        }
+        if let Some(expected) = append.expected_last_subject_sequence {
+            message = message.expected_last_subject_sequence(expected);
+        }
+        (append.subject, message)
+    }
+
+    fn map_publish_error(
+        error: jetstream::context::PublishError,
+        subject: &str,
+        expected: Option<u64>,
+    ) -> Error {
+        use jetstream::context::PublishErrorKind as Kind;
+        match error.kind() {
+            Kind::WrongLastSequence => Error::Conflict {
+                subject: subject.to_owned(),
+                expected: expected.unwrap_or(0),
+            },
+            Kind::StreamNotFound => {
+                Error::StreamNotFound(format!("no stream for subject {subject}"))
+            }
+            Kind::MaxPayloadExceeded => Error::Rejected(error.to_string()),
+            _ => unavailable(error),
+        }
+    }
+}
+
+fn record_from_message(message: &async_nats::Message, sequence: u64, stored_at_ms: i64) -> Record {
+    let headers = message
+        .headers
+        .as_ref()
+        .map(|headers| {
+            headers
+                .iter()
+                .flat_map(|(name, values)| {
+                    values
+                        .iter()
+                        .map(move |value| (name.to_string(), value.as_str().to_owned()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        sequence,
+        subject: message.subject.to_string(),
+        payload: message.payload.clone(),
+        headers,
+        stored_at_ms,
+    }
+}
+
+fn jetstream_record(message: &jetstream::Message) -> Result<Record> {
+    let info = message
+        .info()
+        .map_err(|e| Error::Malformed(format!("ack subject: {e}")))?;
+    let stored_at_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
+    Ok(record_from_message(
+        &message.message,
+        info.stream_sequence,
+        stored_at_ms,
+    ))
+}
+
+#[async_trait]
+impl EventLog for JetStreamLog {
+    fn streams(&self) -> &Streams {
+        &self.streams
+    }
+
+    async fn ensure_streams(&self) -> Result<()> {
+        for kind in [StreamKind::Events, StreamKind::Heartbeats] {
+            self.context
+                .create_or_update_stream(self.stream_config(kind))
+                .await
+                .map_err(|e| Error::Rejected(format!("stream {}: {e}", self.stream_name(kind))))?;
+        }
+        Ok(())
+    }
+
+    async fn append(&self, stream: StreamKind, append: Append) -> Result<Ack> {
+        let mut results = self.append_many(stream, vec![append]).await;
+        results
+            .pop()
+            .unwrap_or_else(|| Err(Error::Unavailable("no acknowledgement".into())))
+    }
+
+    async fn append_many(&self, _stream: StreamKind, appends: Vec<Append>) -> Vec<Result<Ack>> {
+        if !self.is_connected() {
+            // Fail fast: the client would otherwise buffer and wait out the ack timeout.
+            return appends
+                .iter()
+                .map(|_| Err(unavailable("not connected to NATS")))
+                .collect();
+        }
+        // Publish everything first, then await the acknowledgements together: one round trip
+        // for the batch instead of one per message.
+        let mut pending = Vec::with_capacity(appends.len());
+        for append in appends {
+            let subject_and_expected = (
+                append.subject.clone(),
+                append.expected_last_subject_sequence,
+            );
+            let (subject, message) = JetStreamLog::publish_message(append);
+            let sent = self.context.send_publish(subject, message).await;
+            pending.push((subject_and_expected, sent));
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        for ((subject, expected), sent) in pending {
+            let result = match sent {
+                Err(error) => Err(JetStreamLog::map_publish_error(error, &subject, expected)),
+                Ok(ack_future) => match ack_future.await {
+                    Ok(ack) => Ok(Ack {
+                        sequence: ack.sequence,
+                        duplicate: ack.duplicate,
+                    }),
+                    Err(error) => Err(JetStreamLog::map_publish_error(error, &subject, expected)),
+                },
+            };
+            results.push(result);
+        }
+        results
+    }
+
+    async fn replay(
+        &self,
+        stream: StreamKind,
+        from_sequence: u64,
+        filter: Option<&str>,
+    ) -> Result<RecordStream> {
+        let stream = self.stream(stream).await?;
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: deliver_from(from_sequence),
+                filter_subject: filter.unwrap_or_default().to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let messages = consumer.messages().await.map_err(unavailable)?;
+        Ok(messages
+            .map(|message| match message {
+                Ok(message) => jetstream_record(&message),
+                Err(error) => Err(unavailable(error)),
+            })
+            .boxed())
+    }
+
+    async fn durable(
+        &self,
+        stream: StreamKind,
+        name: &str,
+        filter: Option<&str>,
+        from_sequence: u64,
+    ) -> Result<Box<dyn DurableConsumer>> {
+        let stream = self.stream(stream).await?;
+        // Resume exactly after the acknowledged position. JetStream would only redeliver what an
+        // earlier incarnation had in flight once its ack wait ran out, which would stall a
+        // restarted projector; recreating the consumer at its ack floor delivers it at once.
+        // This assumes one owner per durable name, which is how the registry uses them.
+        let start = match stream.consumer_info(name).await {
+            Ok(info) => {
+                stream.delete_consumer(name).await.map_err(unavailable)?;
+                if info.ack_floor.stream_sequence > 0 {
+                    consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: info.ack_floor.stream_sequence + 1,
+                    }
+                } else {
+                    info.config.deliver_policy
+                }
+            }
+            Err(error) if error.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
+                deliver_from(from_sequence)
+            }
+            Err(error) => match error.kind() {
+                jetstream::context::ConsumerInfoErrorKind::JetStream(inner)
+                    if inner.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND =>
+                {
+                    deliver_from(from_sequence)
+                }
+                _ => return Err(unavailable(error)),
+            },
+        };
+        let consumer = stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(name.to_owned()),
+                deliver_policy: start,
+                ack_policy: consumer::AckPolicy::All,
+                ack_wait: Duration::from_secs(60),
+                max_ack_pending: 100_000,
+                filter_subject: filter.unwrap_or_default().to_owned(),
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let messages = consumer.messages().await.map_err(unavailable)?;
+        Ok(Box::new(JetStreamConsumer {
+            messages,
+            delivered: VecDeque::new(),
+            highest: 0,
+        }))
+    }
+
+    async fn last_sequence(&self, stream: StreamKind) -> Result<u64> {
+        let mut stream = self.stream(stream).await?;
+        let info = stream.info().await.map_err(unavailable)?;
+        Ok(info.state.last_sequence)
+    }
+
+    async fn last_for_subject(&self, stream: StreamKind, subject: &str) -> Result<Option<Record>> {
+        let stream = self.stream(stream).await?;
+        match stream.direct_get_last_for_subject(subject).await {
+            Ok(message) => {
+                let headers = message
+                    .headers
+                    .iter()
+                    .flat_map(|(name, values)| {
+                        values
+                            .iter()
+                            .map(move |v| (name.to_string(), v.as_str().to_owned()))
+                    })
+                    .filter(|(name, _)| !name.starts_with("Nats-"))
+                    .collect();
+                Ok(Some(Record {
+                    sequence: message.sequence,
+                    subject: message.subject.to_string(),
+                    payload: message.payload,
+                    headers,
+                    stored_at_ms: (message.time.unix_timestamp_nanos() / 1_000_000) as i64,
+                }))
+            }
+            Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+}
+
+fn deliver_from(from_sequence: u64) -> consumer::DeliverPolicy {
+    if from_sequence <= 1 {
+        consumer::DeliverPolicy::All
+    } else {
+        consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: from_sequence,
+        }
+    }
+}
+
+struct JetStreamConsumer {
+    messages: consumer::pull::Stream,
+    /// Delivered, not yet acknowledged: (stream sequence, acker).
+    delivered: VecDeque<(u64, jetstream::message::Acker)>,
+    /// Highest sequence delivered by this handle: a redelivery at or below it (after an ack
+    /// wait ran out) is dropped, so callers always see strictly increasing sequences.
+    highest: u64,
+}
+
+impl std::fmt::Debug for JetStreamConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamConsumer")
+            .field("unacked", &self.delivered.len())
+            .finish()
+    }
+}
+
+impl JetStreamConsumer {
+    fn take(&mut self, message: jetstream::Message) -> Result<Option<Record>> {
+        let record = jetstream_record(&message)?;
+        if record.sequence <= self.highest {
+            return Ok(None);
+        }
+        self.highest = record.sequence;
+        let (_, acker) = message.split();
+        self.delivered.push_back((record.sequence, acker));
+        Ok(Some(record))
+    }
+}
+
+#[async_trait]
+impl DurableConsumer for JetStreamConsumer {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>> {
+        let mut batch = Vec::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        while batch.is_empty() {
+            let message = match tokio::time::timeout_at(deadline, self.messages.next()).await {
+                Err(_) => return Ok(batch),
+                Ok(None) => return Err(unavailable("consumer closed")),
+                Ok(Some(Err(error))) => return Err(unavailable(error)),
+                Ok(Some(Ok(message))) => message,
+            };
+            batch.extend(self.take(message)?);
+        }
+        while batch.len() < max {
+            match self.messages.next().now_or_never() {
+                Some(Some(Ok(message))) => batch.extend(self.take(message)?),
+                Some(Some(Err(error))) => return Err(unavailable(error)),
+                Some(None) | None => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn ack_through(&mut self, sequence: u64) -> Result<()> {
+        // With AckPolicy::All, acknowledging the newest delivered record at or below `sequence`
+        // acknowledges everything before it.
+        let mut newest = None;
+        while self
+            .delivered
+            .front()
+            .is_some_and(|(delivered, _)| *delivered <= sequence)
+        {
+            newest = self.delivered.pop_front();
+        }
+        if let Some((_, acker)) = newest {
+            acker.ack().await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+}
