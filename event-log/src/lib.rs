@@ -13,12 +13,15 @@
 //!   in-memory one for the embedded mode ([`MemoryLog`]), both held to one conformance suite
 //!   (`conformance`, behind the `test-util` feature).
 //!
+//! It also holds the canonical [`fold`] of instance events into instance state.
+//!
 //! It knows nothing of protobuf, SQL or leases.
 
 #![forbid(unsafe_code)]
 
 pub mod error;
 pub mod event;
+pub mod fold;
 pub mod id;
 mod jetstream;
 mod log;
