@@ -111,10 +111,12 @@ impl Fold {
     /// were already applied and are ignored, which makes replays and redeliveries harmless.
     pub fn apply(&mut self, sequence: u64, envelope: &Envelope) -> Applied {
         let at = envelope.occurred_at_ms();
-        if let Some(existing) = self.instances.get(&envelope.instance_id) {
-            if sequence <= existing.revision {
-                return Applied::Ignored;
-            }
+        if self
+            .instances
+            .get(&envelope.instance_id)
+            .is_some_and(|existing| sequence <= existing.revision)
+        {
+            return Applied::Ignored;
         }
         if let Event::InstanceRegistered(registered) = &envelope.event {
             let previous = self.instances.get(&envelope.instance_id);

@@ -123,13 +123,11 @@ impl Shared {
                     state.dedup.remove(&id);
                 }
             }
-            if let Some(id) = &append.msg_id {
-                if let Some((sequence, _)) = state.dedup.get(id) {
-                    return Ok(Ack {
-                        sequence: *sequence,
-                        duplicate: true,
-                    });
-                }
+            if let Some((sequence, _)) = append.msg_id.as_ref().and_then(|id| state.dedup.get(id)) {
+                return Ok(Ack {
+                    sequence: *sequence,
+                    duplicate: true,
+                });
             }
             if let Some(expected) = append.expected_last_subject_sequence {
                 let last = state
