@@ -349,12 +349,11 @@ pub fn provide_nats() -> Result<(String, Option<PrivateNats>)> {
 
 /// The PostgreSQL URL to use: `DATABASE_URL` when set and reachable, else a private server.
 pub fn provide_postgres() -> Result<(String, Option<PrivatePostgres>)> {
-    if let Ok(url) = std::env::var("DATABASE_URL") {
-        if let Ok(config) = url.parse::<tokio_postgres::Config>() {
-            if postgres_host_port(&config).is_some_and(|host_port| reachable(&host_port)) {
-                return Ok((url, None));
-            }
-        }
+    if let Ok(url) = std::env::var("DATABASE_URL")
+        && let Ok(config) = url.parse::<tokio_postgres::Config>()
+        && postgres_host_port(&config).is_some_and(|host_port| reachable(&host_port))
+    {
+        return Ok((url, None));
     }
     let server = PrivatePostgres::start()?;
     Ok((server.url(), Some(server)))
