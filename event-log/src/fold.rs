@@ -107,6 +107,14 @@ impl Fold {
         self.instances.is_empty()
     }
 
+    /// Seeds the fold with the state of one instance known from elsewhere (a projection's stored
+    /// row, say), replacing what the fold held for that id. Events applied afterwards build on it
+    /// exactly as if the fold had produced that state itself, so a projection can load only the
+    /// instances a batch touches and still apply the canonical rules.
+    pub fn restore(&mut self, state: InstanceState) {
+        self.instances.insert(state.id.clone(), state);
+    }
+
     /// Applies the event stored at `sequence`. Sequences at or below the instance's revision
     /// were already applied and are ignored, which makes replays and redeliveries harmless.
     pub fn apply(&mut self, sequence: u64, envelope: &Envelope) -> Applied {
@@ -237,6 +245,25 @@ mod tests {
         fold.apply(4, &envelope(registered(Some(false))));
         assert!(!fold.get("id-1").unwrap().isolate);
         assert_eq!(fold.get("id-1").unwrap().revision, 4);
+    }
+
+    #[test]
+    fn restored_state_continues_like_a_folded_one() {
+        let mut folded = Fold::new();
+        folded.apply(1, &envelope(registered(Some(true))));
+        let mut restored = Fold::new();
+        restored.restore(folded.get("id-1").unwrap().clone());
+        let change = InstanceStatusChanged {
+            weight: Some(7),
+            ..Default::default()
+        };
+        for fold in [&mut folded, &mut restored] {
+            // Sequence 1 is already in the restored state and must be ignored there too.
+            assert_eq!(fold.apply(1, &envelope(registered(None))), Applied::Ignored);
+            fold.apply(2, &envelope(Event::InstanceStatusChanged(change.clone())));
+        }
+        assert_eq!(folded, restored);
+        assert_eq!(restored.get("id-1").unwrap().weight, 7);
     }
 
     #[test]
