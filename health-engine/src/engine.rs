@@ -229,7 +229,8 @@ struct Runner {
 impl Runner {
     async fn run(&mut self) -> Result<()> {
         if self
-            .retry(|log| async move { log.ensure_streams().await })
+            .retry()
+            .run(|log| async move { log.ensure_streams().await })
             .await?
             .is_none()
         {
@@ -295,13 +296,15 @@ impl Runner {
         let (mut events_from, mut heartbeats_from) = self.load_snapshot();
         let checked_at = now_millis();
         let Some(heartbeats_target) = self
-            .retry(|log| async move { log.last_sequence(StreamKind::Heartbeats).await })
+            .retry()
+            .run(|log| async move { log.last_sequence(StreamKind::Heartbeats).await })
             .await?
         else {
             return Ok(false);
         };
         let Some(events_target) = self
-            .retry(|log| async move { log.last_sequence(StreamKind::Events).await })
+            .retry()
+            .run(|log| async move { log.last_sequence(StreamKind::Events).await })
             .await?
         else {
             return Ok(false);
@@ -419,7 +422,8 @@ impl Runner {
             StreamKind::Heartbeats => self.heartbeats_seq,
         } + 1;
         let opened = self
-            .retry(move |log| async move { log.replay(kind, from, None).await })
+            .retry()
+            .run(move |log| async move { log.replay(kind, from, None).await })
             .await?;
         let Some(stream) = opened else {
             return Ok(false);
@@ -760,7 +764,8 @@ impl Runner {
             let subject = transition.subject(&self.streams);
             let lookup = subject.clone();
             let Some(last) = self
-                .retry(move |log| {
+                .retry()
+                .run(move |log| {
                     let subject = lookup.clone();
                     async move { log.last_for_subject(StreamKind::Events, &subject).await }
                 })
@@ -813,31 +818,13 @@ impl Runner {
 
     // ----- helpers ------------------------------------------------------------------------------
 
-    /// Runs `operation` until it succeeds, retrying transient failures with a capped backoff.
-    /// `None` on shutdown; permanent failures are returned.
-    async fn retry<T, F, Fut>(&self, mut operation: F) -> Result<Option<T>>
-    where
-        F: FnMut(Arc<dyn EventLog>) -> Fut,
-        Fut: Future<Output = event_log::Result<T>>,
-    {
-        let mut backoff = self.config.retry_initial;
-        loop {
-            let result = tokio::select! {
-                _ = self.shutdown.cancelled() => return Ok(None),
-                result = operation(Arc::clone(&self.log)) => result,
-            };
-            match result {
-                Ok(value) => return Ok(Some(value)),
-                Err(error) if error.is_transient() => {
-                    debug!(%error, ?backoff, "event log unavailable, retrying");
-                    tokio::select! {
-                        _ = self.shutdown.cancelled() => return Ok(None),
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(self.config.retry_max);
-                }
-                Err(error) => return Err(Error::Log(error)),
-            }
+    /// A retrier owning what it needs, so that no borrow of the runner lives across an await.
+    fn retry(&self) -> Retrier {
+        Retrier {
+            log: Arc::clone(&self.log),
+            shutdown: self.shutdown.clone(),
+            initial: self.config.retry_initial,
+            max: self.config.retry_max,
         }
     }
 
@@ -859,6 +846,44 @@ impl Runner {
                 true
             }
         });
+    }
+}
+
+/// Retries an operation on the log until it succeeds.
+struct Retrier {
+    log: Arc<dyn EventLog>,
+    shutdown: CancellationToken,
+    initial: Duration,
+    max: Duration,
+}
+
+impl Retrier {
+    /// Runs `operation` until it succeeds, retrying transient failures with a capped backoff.
+    /// `None` on shutdown; permanent failures are returned.
+    async fn run<T, F, Fut>(self, mut operation: F) -> Result<Option<T>>
+    where
+        F: FnMut(Arc<dyn EventLog>) -> Fut,
+        Fut: Future<Output = event_log::Result<T>>,
+    {
+        let mut backoff = self.initial;
+        loop {
+            let result = tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(None),
+                result = operation(Arc::clone(&self.log)) => result,
+            };
+            match result {
+                Ok(value) => return Ok(Some(value)),
+                Err(error) if error.is_transient() => {
+                    debug!(%error, ?backoff, "event log unavailable, retrying");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.max);
+                }
+                Err(error) => return Err(Error::Log(error)),
+            }
+        }
     }
 }
 
