@@ -149,7 +149,8 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_field() {
-        let cases: [(&str, fn(&mut Config)); 4] = [
+        type Change = fn(&mut Config);
+        let cases: [(&str, Change); 4] = [
             ("unhealthy_ratio", |c| c.unhealthy_ratio = 0.5),
             ("self_preservation.share", |c| {
                 c.self_preservation.share = 0.0

@@ -509,15 +509,15 @@ impl Runner {
                 return Ok(());
             }
             self.publish_stats();
-            if let Some(task) = &snapshot_task
-                && task.is_finished()
+            if snapshot_task
+                .as_ref()
+                .is_some_and(|task| task.is_finished())
+                && let Some(task) = snapshot_task.take()
             {
-                if let Some(task) = snapshot_task.take() {
-                    match task.await {
-                        Ok(Ok(())) => self.tally.snapshots_written += 1,
-                        Ok(Err(error)) => warn!(%error, "could not write the snapshot"),
-                        Err(error) => warn!(%error, "snapshot writer failed"),
-                    }
+                match task.await {
+                    Ok(Ok(())) => self.tally.snapshots_written += 1,
+                    Ok(Err(error)) => warn!(%error, "could not write the snapshot"),
+                    Err(error) => warn!(%error, "snapshot writer failed"),
                 }
             }
 
