@@ -396,9 +396,11 @@ async fn two_engines_overlapping_append_each_transition_once() {
             .wait("expired", is(EventType::InstanceExpired, id))
             .await;
     }
-    let (a, b) = (one.handle.stats(), two.handle.stats());
+    let (a, b) = (one.handle.clone(), two.handle.clone());
     one.stop().await.unwrap();
     two.stop().await.unwrap();
+    // Stopped engines have published their final statistics.
+    let (a, b) = (a.stats(), b.stats());
     observer.drain(&log).await;
     for id in &ids {
         assert_eq!(
@@ -501,4 +503,66 @@ async fn an_undecodable_event_stops_the_engine_with_an_error() {
         ),
         "{result:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_outage_across_a_deadline_delays_the_transition_but_never_drops_it() {
+    let mut nats = tokio::task::spawn_blocking(xtask::harness::PrivateNats::start)
+        .await
+        .unwrap()
+        .expect("a private nats-server");
+    let log = Arc::new(
+        JetStreamLog::connect(
+            &nats.url(),
+            Streams::new("fault"),
+            JetStreamConfig::default(),
+        )
+        .await
+        .expect("connected"),
+    );
+    log.ensure_streams().await.unwrap();
+    let mut engine = start(config(), &log).await;
+    let silent = register(&log, 1, 300, false).await;
+    tokio::time::timeout(WAIT, engine.handle.wait_for(|s| s.counts.leases == 1))
+        .await
+        .expect("lease known")
+        .unwrap();
+    let registered_at = now_millis();
+    nats.stop();
+    // The outage spans the deadline (900 ms after the registration) by a wide margin.
+    let outage_ends = registered_at + 2_000;
+    while now_millis() < outage_ends {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        engine.handle.stats().counts.unhealthy,
+        0,
+        "nothing decided blind"
+    );
+    let nats = tokio::task::spawn_blocking(move || nats.resume().map(|()| nats))
+        .await
+        .unwrap()
+        .expect("nats-server resumed");
+    log.wait_connected(WAIT).await.expect("reconnected");
+    let mut observer = Observer::new(&log).await;
+    let unhealthy = observer
+        .wait(
+            "unhealthy after the outage",
+            is(EventType::InstanceTurnedUnhealthy, &silent),
+        )
+        .await;
+    let Event::InstanceTurnedUnhealthy(payload) = &unhealthy.event else {
+        unreachable!()
+    };
+    // Decided once the engine could prove no beat had arrived (possibly while the proof was in
+    // flight during the outage), stored once the log was back.
+    assert!(unhealthy.occurred_at_ms() >= payload.deadline_ms);
+    assert!(payload.deadline_ms < outage_ends);
+    engine.stop().await.expect("clean stop");
+    observer.drain(&log).await;
+    assert_eq!(
+        observer.count(EventType::InstanceTurnedUnhealthy, &silent),
+        1
+    );
+    drop(nats);
 }
