@@ -48,6 +48,7 @@ fn options() -> Result<Options> {
     let mut leases = None;
     let mut memory_leases = None;
     let mut ttl_ms = None;
+    let mut stop_spread_ms = None;
     let mut smoke = false;
     while let Some(arg) = args.next() {
         let mut value = |name: &str| -> Result<usize> {
@@ -60,9 +61,13 @@ fn options() -> Result<Options> {
             "--leases" => leases = Some(value("--leases")?),
             "--memory-leases" => memory_leases = Some(value("--memory-leases")?),
             "--ttl-ms" => ttl_ms = Some(value("--ttl-ms")? as u64),
+            "--stop-spread-ms" => stop_spread_ms = Some(value("--stop-spread-ms")? as u64),
             "--smoke" => smoke = true,
             "--help" | "-h" => {
-                println!("lease_bench [--leases N] [--memory-leases N] [--ttl-ms MS] [--smoke]");
+                println!(
+                    "lease_bench [--leases N] [--memory-leases N] [--ttl-ms MS] [--stop-spread-ms MS] \
+                     [--smoke]"
+                );
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other}"),
@@ -76,11 +81,11 @@ fn options() -> Result<Options> {
         leases,
         memory_leases: memory_leases.unwrap_or(if smoke { 100_000 } else { 1_000_000 }),
         ttl_ms: ttl_ms.unwrap_or(if smoke { 200 } else { 1_000 }),
-        stop_spread: if smoke {
-            Duration::from_millis(500)
+        stop_spread: Duration::from_millis(stop_spread_ms.unwrap_or(if smoke {
+            500
         } else {
-            Duration::from_secs(5)
-        },
+            5_000
+        })),
         smoke,
     })
 }

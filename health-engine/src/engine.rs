@@ -60,7 +60,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::leases::{Counts, LeaseTable, SubjectKey, Transition, TransitionKind};
+use crate::leases::{
+    Counts, LeaseTable, SubjectKey, Transition, TransitionKind, parse_instance_id,
+};
 
 /// What the engine has done so far, for metrics and tests.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -448,7 +450,16 @@ impl Runner {
 
     // ----- applying records ---------------------------------------------------------------------
 
-    fn apply_event(&mut self, record: &Record) -> Result<Envelope> {
+    fn apply_event(&mut self, record: &Record) -> Result<Option<Envelope>> {
+        // Echoes of our own appends are most of what we read back while transitions fire:
+        // recognise them by subject and sequence instead of decoding them.
+        if let Some((_, _, instance_id)) = self.streams.parse_instance_subject(&record.subject)
+            && let Some(id) = parse_instance_id(&instance_id)
+            && self.table.knows(&id, record.sequence)
+        {
+            self.events_seq = record.sequence;
+            return Ok(None);
+        }
         let envelope = record.decode().map_err(|source| Error::Undecodable {
             stream: StreamKind::Events,
             sequence: record.sequence,
@@ -456,7 +467,7 @@ impl Runner {
         })?;
         self.table.apply(record.sequence, &envelope)?;
         self.events_seq = record.sequence;
-        Ok(envelope)
+        Ok(Some(envelope))
     }
 
     fn apply_heartbeat(&mut self, record: &Record) -> Result<()> {
@@ -796,7 +807,8 @@ impl Runner {
             let envelope = self.apply_event(&record)?;
             if let Some((superseded, last)) = watched.get_mut(&record.subject) {
                 *last = (*last).max(record.sequence);
-                if changes_lease(envelope.event_type()) {
+                // A record the table already knew is one of ours: it cannot supersede.
+                if envelope.is_some_and(|e| changes_lease(e.event_type())) {
                     *superseded = true;
                 }
             }

@@ -513,6 +513,14 @@ impl LeaseTable {
         }
     }
 
+    /// True when the table already knows the record stored at `sequence` on the subject of
+    /// instance `id` (our own acknowledged append, or a record applied before): the shell can
+    /// skip decoding it.
+    pub fn knows(&self, id: &InstanceKey, sequence: u64) -> bool {
+        self.find(id)
+            .is_some_and(|slot| sequence <= self.slots[slot as usize].subject_seq)
+    }
+
     /// Applies one event of the instance stream, stored at `sequence`.
     ///
     /// Fails only for an event that should create or change a lease but cannot (a registration
