@@ -39,7 +39,8 @@
 //!   from since do not count. While active, nothing turns unhealthy and nothing expires: due
 //!   leases are *held*. Beats still revive unhealthy leases.
 //! * **Exit** at the first advance with `now >= entered_at + window` after at least one heartbeat
-//!   recorded at or after `entered_at` has arrived: the heartbeat path works again. On exit every
+//!   (or registration, which counts as one) of a known lease recorded at or after `entered_at`
+//!   has arrived: the path from clients to the engine works again. On exit every
 //!   healthy lease gets a deadline of at least `exit + W` and every unhealthy ephemeral lease an
 //!   expiry of at least `exit + delete timeout`; leases so extended are *reprieved* and do not count
 //!   towards entering again until they beat. So a dead share of the fleet is marked unhealthy one
@@ -725,6 +726,11 @@ impl LeaseTable {
             }
             return;
         };
+        // A registration counts as a beat, also as evidence that the path from the API to the
+        // engine works again.
+        if self.sp.active && at >= self.sp.entered_at {
+            self.sp.beat_seen = true;
+        }
         let ttl_ms = u32::try_from(ttl_ms).unwrap_or(u32::MAX);
         let window = self.window(ttl_ms);
         let service = self.intern(namespace, service);

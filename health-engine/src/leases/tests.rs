@@ -921,3 +921,52 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// While self-preservation is active nothing turns unhealthy or expires; and it never sticks:
+    /// one beat of a known lease plus one window always ends it.
+    #[test]
+    fn self_preservation_holds_and_never_sticks(ops in prop::collection::vec(op(), 1..80)) {
+        let mut h = Harness::new(sp_rules(2));
+        let mut now = T0;
+        for op in ops {
+            let before = h.log.len();
+            let active_before = h.table.self_preservation_active();
+            match op {
+                Op::Register { instance, ttl, ephemeral, lag } => {
+                    h.apply(&envelope(&key(instance), now - lag, registration(ttl, ephemeral)));
+                }
+                Op::Beat { instance, lag } => h.beat(instance, now - lag),
+                Op::Deregister { instance } => {
+                    h.apply(&envelope(&key(instance), now, Event::InstanceDeregistered(InstanceDeregistered {})));
+                }
+                Op::Advance { by } => {
+                    now += by;
+                    h.advance(now);
+                }
+            }
+            let step = &h.log[before..];
+            let exited = step.iter().any(|t| matches!(t.kind, TransitionKind::SelfPreservationExited { .. }));
+            if active_before && !exited {
+                prop_assert!(
+                    step.iter().all(|t| !matches!(
+                        t.kind,
+                        TransitionKind::TurnedUnhealthy { .. } | TransitionKind::Expired { .. }
+                    )),
+                    "decided while self-preservation held: {:?}", step
+                );
+            }
+        }
+        if h.table.self_preservation_active() {
+            let known = (0..6).find(|n| h.state(*n).is_some());
+            if let Some(n) = known {
+                now += 1;
+                h.beat(n, now);
+                h.advance(now + 1_000);
+                prop_assert!(!h.table.self_preservation_active(), "stuck");
+            }
+        }
+    }
+}
