@@ -131,7 +131,17 @@ pub struct ReadModel {
     config: Config,
     state: RwLock<State>,
     applied: watch::Sender<u64>,
+    /// Raised by a writer whose acknowledged sequence is slow to arrive: the follower then
+    /// checks whether its subscription silently stalled (e.g. across a NATS restart) and
+    /// resubscribes.
+    stalled: tokio::sync::Notify,
 }
+
+/// How long a writer waits for its sequence before suspecting a stalled subscription.
+const STALL_SUSPICION: Duration = Duration::from_millis(250);
+
+/// How often the follower checks, unprompted, that it is not behind a log that moved on.
+const STALL_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 impl ReadModel {
     /// An empty model.
@@ -140,6 +150,7 @@ impl ReadModel {
             config,
             state: RwLock::default(),
             applied: watch::channel(0).0,
+            stalled: tokio::sync::Notify::new(),
         }
     }
 
@@ -166,7 +177,13 @@ impl ReadModel {
     /// on timeout.
     pub async fn wait_applied(&self, sequence: u64, limit: Duration) -> bool {
         let mut applied = self.applied.subscribe();
-        tokio::time::timeout(limit, applied.wait_for(|applied| *applied >= sequence))
+        let wait = applied.wait_for(|applied| *applied >= sequence);
+        tokio::pin!(wait);
+        if let Ok(result) = tokio::time::timeout(STALL_SUSPICION.min(limit), &mut wait).await {
+            return result.is_ok();
+        }
+        self.stalled.notify_one();
+        tokio::time::timeout(limit.saturating_sub(STALL_SUSPICION), wait)
             .await
             .is_ok_and(|result| result.is_ok())
     }
@@ -397,10 +414,46 @@ pub async fn follow(
             }
         };
         if let Some(mut records) = records {
+            // Also check now and then without a writer waiting, so that watchers get engine
+            // transitions promptly after an outage too.
+            let mut health_check = tokio::time::interval_at(
+                tokio::time::Instant::now() + STALL_CHECK_INTERVAL,
+                STALL_CHECK_INTERVAL,
+            );
+            health_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut applied_at_last_check = model.applied();
             loop {
                 let next = tokio::select! {
                     () = shutdown.cancelled() => return,
                     next = records.next() => next,
+                    _ = health_check.tick() => {
+                        let applied = model.applied();
+                        let progressed = applied != applied_at_last_check;
+                        applied_at_last_check = applied;
+                        if progressed {
+                            continue;
+                        }
+                        match log.last_sequence(StreamKind::Events).await {
+                            Ok(last) if last > applied => {
+                                tracing::warn!(applied, last,
+                                    "events subscription made no progress; resubscribing");
+                                break;
+                            }
+                            _ => continue,
+                        }
+                    }
+                    () = model.stalled.notified() => {
+                        // A writer is waiting for a sequence we have not seen. If the log is
+                        // ahead of us, the subscription stalled: resubscribe from where we are.
+                        match log.last_sequence(StreamKind::Events).await {
+                            Ok(last) if last > model.applied() => {
+                                tracing::warn!(applied = model.applied(), last,
+                                    "events subscription stalled; resubscribing");
+                                break;
+                            }
+                            _ => continue,
+                        }
+                    }
                 };
                 match next {
                     Some(Ok(record)) => {

@@ -464,6 +464,19 @@ impl TestEnv {
         })
     }
 
+    /// NATS at `nats_url` only (a server the test controls, e.g. a [`PrivateNats`]).
+    pub async fn nats_only_at(nats_url: &str) -> Result<TestEnv> {
+        Ok(TestEnv {
+            nats_url: nats_url.to_owned(),
+            prefix: format!("t{}", unique_suffix()),
+            database_url: String::new(),
+            admin_database_url: String::new(),
+            database: None,
+            _nats: None,
+            _postgres: None,
+        })
+    }
+
     /// NATS only, for tests that do not touch PostgreSQL.
     pub async fn nats_only() -> Result<TestEnv> {
         let (nats_url, nats) = tokio::task::spawn_blocking(provide_nats).await??;
