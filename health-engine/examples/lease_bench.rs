@@ -16,7 +16,8 @@
 //!    `--leases` leases (default 100,000) with a short TTL beat in batches, then stop beating on a
 //!    schedule spread over a few seconds. A downstream subscriber of the events stream records
 //!    when each `InstanceTurnedUnhealthy` reaches it; lateness = that time - the deadline in the
-//!    event. Also reported: the engine's decision lateness (`occurred_at - deadline`).
+//!    event. Also reported: the engine's decision lateness (`occurred_at - deadline`). The
+//!    in-memory log is pre-grown first (see `prefill`): its table growth is not the engine's.
 //!
 //! It prints a table, then one line `RESULT {json}` for `cargo xtask bench`.
 
@@ -26,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use event_log::event::{
-    Beat, Event, HealthCheck, HeartbeatsReceived, InstanceRegistered, Location, millis_to_datetime,
-    now_millis,
+    Beat, Event, HealthCheck, HeartbeatsReceived, InstanceRegistered, InstanceStatusChanged,
+    Location, millis_to_datetime, now_millis,
 };
 use event_log::{Append, Envelope, EventLog, MemoryConfig, MemoryLog, StreamKind, Streams};
 use futures::StreamExt;
@@ -233,6 +234,11 @@ async fn precision(options: &Options) -> Result<Precision> {
     let ttl_ms = options.ttl_ms;
     let window_ms = ttl_ms as i64 * 3;
     let ids: Vec<String> = (0..count).map(instance).collect();
+    // The in-memory log grows its tables (a VecDeque of records, a map of message ids) while it
+    // holds its lock; a growth of ~100k entries mid-run stalls every reader for tens of ms, an
+    // artefact of the test double that JetStream does not have. Grow them past what the run
+    // will need beforehand, with status changes of an instance nobody registered.
+    prefill(&log, &streams, count).await?;
     let registered_at = now_millis();
     for chunk in ids.chunks(1_000) {
         let appends = chunk
@@ -254,19 +260,16 @@ async fn precision(options: &Options) -> Result<Precision> {
         },
         ..Config::default()
     };
+    // The downstream subscriber, from the end of the registrations on.
+    let filter = format!("{}.evt.>", streams.prefix());
+    let from = log.last_sequence(StreamKind::Events).await? + 1;
+    let mut records = log.replay(StreamKind::Events, from, Some(&filter)).await?;
     let shared: Arc<dyn EventLog> = Arc::new(log.clone());
     let engine = HealthEngine::new(config, Arc::clone(&shared))?;
-    let mut handle = engine.handle();
+    let handle = engine.handle();
     let shutdown = CancellationToken::new();
+    // Beating starts right away: the registrations' deadlines run while the engine replays.
     let engine_task = tokio::spawn(engine.run(shutdown.clone()));
-    handle
-        .wait_for(|stats| stats.recovered)
-        .await
-        .context("engine stopped during recovery")?;
-
-    // The downstream subscriber.
-    let filter = format!("{}.evt.>", streams.prefix());
-    let mut records = log.replay(StreamKind::Events, 0, Some(&filter)).await?;
     let observer = tokio::spawn(async move {
         let mut observed = Vec::with_capacity(count);
         let mut decided = Vec::with_capacity(count);
@@ -287,28 +290,36 @@ async fn precision(options: &Options) -> Result<Precision> {
         (observed, decided)
     });
 
-    // Beat: every lease once per TTL, in 10 ms batches by phase, then stop on a schedule spread
-    // over `stop_spread` starting after two TTLs of beating.
+    // Beat: every lease once per TTL, in 10 ms batches by phase; once the engine has finished
+    // its start-up replay (and after two TTLs at least), stop on a schedule spread over
+    // `stop_spread`.
     let tick = Duration::from_millis(10);
     let phases = (ttl_ms / 10).max(1) as usize;
     let began = Instant::now();
-    let stop_from = began + Duration::from_millis(2 * ttl_ms);
     let spread = options.stop_spread;
-    let stop_at = |n: usize| stop_from + spread.mul_f64(n as f64 / count as f64);
+    let stop_at = |from: Instant, n: usize| from + spread.mul_f64(n as f64 / count as f64);
+    let mut stop_from: Option<Instant> = None;
     let mut interval = tokio::time::interval(tick);
     let mut round = 0usize;
     loop {
         interval.tick().await;
         let now = Instant::now();
-        if now > stop_from + spread + tick {
-            break;
+        if stop_from.is_none() && handle.stats().recovered {
+            stop_from = Some(now.max(began + Duration::from_millis(2 * ttl_ms)));
+        }
+        match stop_from {
+            Some(from) if now > from + spread + tick => break,
+            None if now > began + Duration::from_secs(120) => {
+                bail!("the engine did not finish its start-up replay in two minutes")
+            }
+            _ => {}
         }
         let phase = round % phases;
         round += 1;
         let at_ms = now_millis();
         let beats: Vec<Beat> = (phase..count)
             .step_by(phases)
-            .filter(|n| now < stop_at(*n))
+            .filter(|n| stop_from.is_none_or(|from| now < stop_at(from, *n)))
             .map(|n| Beat {
                 instance_id: ids[n].clone(),
                 at_ms,
@@ -335,6 +346,7 @@ async fn precision(options: &Options) -> Result<Precision> {
         .await
         .context("not every lease turned unhealthy in time")??;
     let elapsed = began.elapsed();
+    drop(handle);
     shutdown.cancel();
     engine_task.await??;
     Ok(Precision {
@@ -343,6 +355,35 @@ async fn precision(options: &Options) -> Result<Precision> {
         expected: count,
         elapsed,
     })
+}
+
+/// Appends filler events so that, once `leases` registrations follow, the events stream holds
+/// `P + 1` records, `P` a power of two large enough that the `leases` transitions of the run fit
+/// the capacities then reached (`2P` records, `7/8 x 2P` message ids): no table of the in-memory
+/// log grows during the run.
+async fn prefill(log: &MemoryLog, streams: &Streams, leases: usize) -> Result<()> {
+    let power = ((leases + 1) * 4).div_ceil(3).next_power_of_two();
+    let target = (power + 1 - leases) as u64;
+    let nobody = "f".repeat(40);
+    let mut stored = log.last_sequence(StreamKind::Events).await?;
+    while stored < target {
+        let chunk = (target - stored).min(1_000);
+        let appends = (0..chunk)
+            .map(|_| {
+                let envelope = Envelope::new(
+                    "bench",
+                    "filler",
+                    nobody.clone(),
+                    Event::InstanceStatusChanged(InstanceStatusChanged::default()),
+                );
+                Append::event(streams, &envelope)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for result in log.append_many(StreamKind::Events, appends).await {
+            stored = result?.sequence;
+        }
+    }
+    Ok(())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
