@@ -40,9 +40,10 @@
 //! a value the health engine already holds, while every state change still lands as an event.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use event_log::{EventLog, Record, StreamKind};
+use event_log::{DurableConsumer, EventLog, Record, StreamKind};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -252,6 +253,24 @@ impl Projector {
     }
 }
 
+/// How long each fetch waits while a batch is being written: short, because the collection ends
+/// as soon as the write does and the wait adds to the next batch's start.
+const COLLECT_WAIT: Duration = Duration::from_millis(2);
+
+/// Fetches records until `done` is set or `max` are in hand. Each fetch is left to finish rather
+/// than cancelled, so nothing depends on whether a consumer's fetch is cancel-safe.
+async fn collect(
+    consumer: &mut dyn DurableConsumer,
+    max: usize,
+    done: &AtomicBool,
+) -> Result<Vec<Record>> {
+    let mut records = Vec::new();
+    while !done.load(Ordering::Acquire) && records.len() < max {
+        records.extend(consumer.fetch(max - records.len(), COLLECT_WAIT).await?);
+    }
+    Ok(records)
+}
+
 /// Capped exponential backoff: `initial`, doubling, at most `max`.
 #[derive(Debug)]
 struct Backoff {
@@ -413,7 +432,13 @@ impl<'a> Run<'a> {
     /// One connection to PostgreSQL and one durable consumer, until shutdown (`Ok`) or a
     /// failure.
     async fn session(&mut self) -> Result<()> {
-        let mut writer = Writer::open(&self.config.database_url, SCHEMA, APPLICATION_NAME).await?;
+        let mut writer = Writer::open(
+            &self.config.database_url,
+            SCHEMA,
+            APPLICATION_NAME,
+            self.config.cache_instances,
+        )
+        .await?;
         if !writer.try_lock_projector().await? {
             self.publish(|snapshot| snapshot.status = Status::Standby);
             tracing::info!("another projector holds this database's projector lock; standing by");
@@ -452,35 +477,56 @@ impl<'a> Run<'a> {
             consumer = %self.config.consumer,
             "projector running"
         );
+        // Records delivered and not applied yet: collected while the previous batch was being
+        // written, so that the next transaction starts at once with a full batch.
+        let mut in_hand: Vec<Record> = Vec::new();
         loop {
             self.refresh(false).await;
-            // Read before the fetch: events up to here were stored before it started.
-            let known_last = self.projector.snapshot.borrow().stream_last;
-            let records = tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => return Ok(()),
-                fetched = consumer.fetch(self.config.batch_size, self.config.idle_wait) => fetched?,
-            };
-            let Some(last) = records.last() else {
-                // Idle and healthy: whatever failed before is over.
-                self.backoff.reset();
-                if known_last > writer.applied().sequence {
-                    // The stream holds events the tables lack, yet the consumer has nothing to
-                    // deliver: it is positioned past them (the database was restored or
-                    // recreated). Read them back from the log. Should the consumer merely have
-                    // been slow, the events it delivers later are dropped as already applied.
-                    self.repair_gap(&mut writer, known_last).await?;
-                    consumer.ack_through(writer.applied().sequence).await?;
+            if in_hand.is_empty() {
+                // Read before the fetch: events up to here were stored before it started.
+                let known_last = self.projector.snapshot.borrow().stream_last;
+                in_hand = tokio::select! {
+                    biased;
+                    _ = self.shutdown.cancelled() => return Ok(()),
+                    fetched = consumer.fetch(self.config.batch_size, self.config.idle_wait) => fetched?,
+                };
+                if in_hand.is_empty() {
+                    // Idle and healthy: whatever failed before is over.
+                    self.backoff.reset();
+                    if known_last > writer.applied().sequence {
+                        // The stream holds events the tables lack, yet the consumer has nothing
+                        // to deliver: it is positioned past them (the database was restored or
+                        // recreated). Read them back from the log. Should the consumer merely
+                        // have been slow, the events it delivers later are dropped as already
+                        // applied.
+                        self.repair_gap(&mut writer, known_last).await?;
+                        consumer.ack_through(writer.applied().sequence).await?;
+                    }
+                    continue;
                 }
-                continue;
+            }
+            let batch = std::mem::take(&mut in_hand);
+            let (last_sequence, oldest_stored_at) = match (batch.last(), batch.first()) {
+                (Some(last), Some(first)) => (last.sequence, first.stored_at_ms),
+                _ => continue,
             };
-            let (last_sequence, oldest_stored_at) = (last.sequence, records[0].stored_at_ms);
             self.publish(|snapshot| {
                 snapshot.set_stream_last(last_sequence);
                 snapshot.oldest_pending_stored_at_ms = Some(oldest_stored_at);
             });
-            self.project(&mut writer, records).await?;
+            let batch_done = AtomicBool::new(false);
+            let batch_size = self.config.batch_size;
+            let (projected, collected) = tokio::join!(
+                async {
+                    let projected = self.project(&mut writer, batch).await;
+                    batch_done.store(true, Ordering::Release);
+                    projected
+                },
+                collect(consumer.as_mut(), batch_size, &batch_done),
+            );
+            projected?;
             self.backoff.reset();
+            in_hand = collected?;
             consumer.ack_through(writer.applied().sequence).await?;
         }
     }

@@ -95,7 +95,13 @@ async fn fill_and_swap(
     admin: &mut Client,
 ) -> Result<(u64, u64, u64)> {
     let mut fill = Fill {
-        writer: Writer::open(&config.database_url, REBUILD_SCHEMA, APPLICATION_NAME).await?,
+        writer: Writer::open(
+            &config.database_url,
+            REBUILD_SCHEMA,
+            APPLICATION_NAME,
+            config.cache_instances,
+        )
+        .await?,
         log,
         batch_size: config.batch_size,
         stream: None,

@@ -2,13 +2,13 @@
 //! states with one set-based statement per table (arrays bound as parameters and `unnest`ed), so
 //! that a batch costs a handful of round trips whatever its size.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use event_log::EventType;
 use event_log::event::{HealthCheck, Location, UnixMillis, millis_to_datetime};
 use event_log::fold::InstanceState;
 use time::OffsetDateTime;
-use tokio_postgres::{Client, GenericClient, Row, Statement, Transaction};
+use tokio_postgres::{Client, Row, Statement};
 
 use crate::error::{Error, Result};
 use crate::schema::PROJECTION;
@@ -27,19 +27,21 @@ const READ_CHECKPOINT: &str =
 const SAVE_CHECKPOINT: &str = "UPDATE projector_checkpoint \
      SET last_sequence = $2, last_stored_at = $3, updated_at = now() WHERE projection = $1";
 
-const LOAD: &str = "\
+// The ids are joined as a set rather than filtered with `= ANY($1)`: whatever the statistics
+// of a young table say, this plans as one index probe per id.
+const LOAD_INSTANCES: &str = "\
 SELECT i.id, i.namespace, i.service, i.host, i.port, i.protocol, i.version, i.weight,
        i.ephemeral, i.isolate, i.healthy, i.region, i.zone, i.campus, i.revision,
        i.created_at, i.updated_at, i.deleted_at,
-       h.type, h.ttl_ms, h.last_heartbeat_at, h.last_transition, h.last_transition_at,
-       m.keys, m.vals
-FROM instance i
-LEFT JOIN health_check h ON h.instance_id = i.id
-LEFT JOIN LATERAL (
-    SELECT array_agg(key ORDER BY key) AS keys, array_agg(value ORDER BY key) AS vals
-    FROM instance_metadata WHERE instance_id = i.id
-) m ON true
-WHERE i.id = ANY($1::text[])";
+       h.type, h.ttl_ms, h.last_heartbeat_at, h.last_transition, h.last_transition_at
+FROM unnest($1::text[]) AS wanted (id)
+JOIN instance i ON i.id = wanted.id
+LEFT JOIN health_check h ON h.instance_id = i.id";
+
+const LOAD_METADATA: &str = "\
+SELECT m.instance_id, m.key, m.value
+FROM unnest($1::text[]) AS wanted (id)
+JOIN instance_metadata m ON m.instance_id = wanted.id";
 
 const UPSERT_INSTANCE: &str = "\
 INSERT INTO instance (id, namespace, service, host, port, protocol, version, weight,
@@ -78,7 +80,8 @@ pub(crate) struct Statements {
     lock_checkpoint: Statement,
     read_checkpoint: Statement,
     save_checkpoint: Statement,
-    load: Statement,
+    load_instances: Statement,
+    load_metadata: Statement,
     upsert_instance: Statement,
     upsert_health_check: Statement,
     delete_metadata: Statement,
@@ -98,7 +101,8 @@ impl Statements {
             lock_checkpoint,
             read_checkpoint,
             save_checkpoint,
-            load,
+            load_instances,
+            load_metadata,
             upsert_instance,
             upsert_health_check,
             delete_metadata,
@@ -107,7 +111,8 @@ impl Statements {
             client.prepare(LOCK_CHECKPOINT),
             client.prepare(READ_CHECKPOINT),
             client.prepare(SAVE_CHECKPOINT),
-            client.prepare(LOAD),
+            client.prepare(LOAD_INSTANCES),
+            client.prepare(LOAD_METADATA),
             client.prepare(UPSERT_INSTANCE),
             client.prepare(UPSERT_HEALTH_CHECK),
             client.prepare(DELETE_METADATA),
@@ -117,7 +122,8 @@ impl Statements {
             lock_checkpoint,
             read_checkpoint,
             save_checkpoint,
-            load,
+            load_instances,
+            load_metadata,
             upsert_instance,
             upsert_health_check,
             delete_metadata,
@@ -127,11 +133,7 @@ impl Statements {
 
     /// Reads the checkpoint; with `for_update`, also locks its row until the transaction ends,
     /// which serialises every writer of the projection (projector, rebuild swap).
-    pub(crate) async fn checkpoint(
-        &self,
-        client: &impl GenericClient,
-        for_update: bool,
-    ) -> Result<Checkpoint> {
+    pub(crate) async fn checkpoint(&self, client: &Client, for_update: bool) -> Result<Checkpoint> {
         let statement = if for_update {
             &self.lock_checkpoint
         } else {
@@ -145,35 +147,53 @@ impl Statements {
     }
 
     /// Loads the states of the given instances (those that exist).
-    pub(crate) async fn load(
-        &self,
-        client: &impl GenericClient,
-        ids: &[&str],
-    ) -> Result<Vec<InstanceState>> {
+    pub(crate) async fn load(&self, client: &Client, ids: &[&str]) -> Result<Vec<InstanceState>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = client.query(&self.load, &[&ids]).await?;
-        rows.iter().map(state_from_row).collect()
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
+        let (instances, metadata) = futures::try_join!(
+            client.query(&self.load_instances, &params),
+            client.query(&self.load_metadata, &params),
+        )?;
+        let mut metadata_of: HashMap<String, BTreeMap<String, String>> = HashMap::new();
+        for row in metadata {
+            metadata_of
+                .entry(row.get(0))
+                .or_default()
+                .insert(row.get(1), row.get(2));
+        }
+        instances
+            .iter()
+            .map(|row| {
+                let mut state = state_from_row(row)?;
+                state.metadata = metadata_of.remove(&state.id).unwrap_or_default();
+                Ok(state)
+            })
+            .collect()
     }
 
-    /// Writes `states` over whatever the tables hold for them, deletes the metadata rows of the
-    /// instances in `metadata_replaced`, inserts the metadata of those in `metadata_of`, and moves
-    /// the checkpoint to `checkpoint`.
+    /// Writes the `instance` rows of `states` and the `health_check` rows of `checks_of` over
+    /// whatever the tables hold for them, deletes the metadata rows of the instances in
+    /// `metadata_replaced`, inserts the metadata of those in `metadata_of`, moves the checkpoint
+    /// to `checkpoint`, and commits the transaction `client` is in.
     ///
     /// The statements are pipelined: all sent back to back, then awaited together, so the whole
     /// write costs one round trip. PostgreSQL executes them in the order sent, which is the order
-    /// the foreign keys need (instances before the rows that reference them).
-    pub(crate) async fn write(
+    /// the foreign keys need (instances before the rows that reference them). Should any of them
+    /// fail, the transaction is aborted and the `COMMIT` behind them only rolls it back, and the
+    /// failure is returned.
+    pub(crate) async fn write_and_commit(
         &self,
-        client: &Transaction<'_>,
+        client: &Client,
         states: &[&InstanceState],
+        checks_of: &[&InstanceState],
         metadata_of: &[&InstanceState],
         metadata_replaced: &[&str],
         checkpoint: Checkpoint,
     ) -> Result<()> {
         let instances = InstanceColumns::new(states);
-        let checks = HealthCheckColumns::new(states);
+        let checks = HealthCheckColumns::new(checks_of);
         let metadata = MetadataColumns::new(metadata_of);
         let sequence = to_i64(checkpoint.sequence);
         let stored_at = checkpoint.stored_at_ms.map(millis_to_datetime);
@@ -188,7 +208,7 @@ impl Statements {
                 .await
         };
         let upsert_checks = async {
-            if states.is_empty() {
+            if checks_of.is_empty() {
                 return Ok(0);
             }
             client
@@ -217,12 +237,14 @@ impl Statements {
         let save_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
             [&PROJECTION, &sequence, &stored_at];
         let save = client.execute(&self.save_checkpoint, &save_params);
+        let commit = client.batch_execute("COMMIT");
         futures::try_join!(
             upsert_instances,
             upsert_checks,
             delete_metadata,
             insert_metadata,
-            save
+            save,
+            commit
         )?;
         Ok(())
     }
@@ -294,13 +316,6 @@ fn state_from_row(row: &Row) -> Result<InstanceState> {
             ));
         }
     };
-    let keys: Option<Vec<String>> = row.get(23);
-    let values: Option<Vec<String>> = row.get(24);
-    let metadata: BTreeMap<String, String> = keys
-        .unwrap_or_default()
-        .into_iter()
-        .zip(values.unwrap_or_default())
-        .collect();
     let deleted_at: Option<OffsetDateTime> = row.get(17);
     Ok(InstanceState {
         namespace: row.get(1),
@@ -310,7 +325,8 @@ fn state_from_row(row: &Row) -> Result<InstanceState> {
         protocol: row.get(5),
         version: row.get(6),
         weight: u32::try_from(weight).map_err(|_| invalid(&id, format!("weight {weight}")))?,
-        metadata,
+        // Filled in by the caller from the metadata query.
+        metadata: BTreeMap::new(),
         health_check,
         ephemeral: row.get(8),
         isolate: row.get(9),

@@ -47,7 +47,12 @@ impl Workload {
         for index in 0..instances.max(1) {
             let service = index % services;
             workload.slots.push(Slot {
-                namespace: if service % 2 == 0 { "default" } else { "prod" }.to_owned(),
+                namespace: if service.is_multiple_of(2) {
+                    "default"
+                } else {
+                    "prod"
+                }
+                .to_owned(),
                 // Dots and spaces on purpose: names NATS subjects cannot carry as they are.
                 service: format!("com.example.svc {service}"),
                 host: format!(
@@ -94,8 +99,8 @@ impl Workload {
             version: "1.0.0".to_owned(),
             weight: 100,
             metadata,
-            health_check: (ttl_ms % 5000 != 0).then_some(HealthCheck { ttl_ms }),
-            ephemeral: ttl_ms % 3000 != 0,
+            health_check: (!ttl_ms.is_multiple_of(5000)).then_some(HealthCheck { ttl_ms }),
+            ephemeral: !ttl_ms.is_multiple_of(3000),
             isolate,
             location: Location {
                 region: "eu-west".to_owned(),

@@ -67,19 +67,29 @@ pub(crate) enum Outcome {
 }
 
 /// A connection that applies batches to the projection in one schema.
+///
+/// It keeps the states it has read or written in a bounded cache, so that a batch only loads the
+/// instances it has not seen yet: most events touch instances a recent batch already touched.
+/// The cache is right because this writer is the only one writing the schema while it applies
+/// batches (the projector lock, or a rebuild's private schema); when the checkpoint shows another
+/// writer was at work, or a transaction fails, the cache is dropped.
 #[derive(Debug)]
 pub(crate) struct Writer {
     client: Client,
     statements: Statements,
     applied: Checkpoint,
+    cache: HashMap<String, InstanceState>,
+    cache_capacity: usize,
 }
 
 impl Writer {
-    /// Connects to the projection in `schema`, migrating it first.
+    /// Connects to the projection in `schema`, migrating it first; caches at most
+    /// `cache_capacity` instance states.
     pub(crate) async fn open(
         database_url: &str,
         schema: &str,
         application_name: &str,
+        cache_capacity: usize,
     ) -> Result<Writer> {
         let mut client = schema::connect(database_url, schema, application_name).await?;
         schema::migrate_schema(&mut client, schema).await?;
@@ -89,6 +99,8 @@ impl Writer {
             client,
             statements,
             applied,
+            cache: HashMap::new(),
+            cache_capacity,
         })
     }
 
@@ -101,6 +113,7 @@ impl Writer {
         let locked: bool = row.get(0);
         if locked {
             self.applied = self.statements.checkpoint(&self.client, false).await?;
+            self.cache.clear();
         }
         Ok(locked)
     }
@@ -114,6 +127,7 @@ impl Writer {
             .await?;
         // Another projector may have moved on while this one waited.
         self.applied = self.statements.checkpoint(&self.client, false).await?;
+        self.cache.clear();
         Ok(())
     }
 
@@ -124,7 +138,25 @@ impl Writer {
 
     /// Applies `events` (in stream order) in one transaction. Events at or below the checkpoint
     /// are skipped.
+    ///
+    /// Two round trips whatever the batch size: `BEGIN`, the checkpoint lock and the load of the
+    /// touched instances are pipelined, then the writes, the checkpoint and `COMMIT`. The
+    /// transaction is managed by hand rather than with `Client::transaction` because the latter
+    /// waits for `BEGIN` alone, and each wait costs a scheduling round on a busy machine.
     pub(crate) async fn apply(&mut self, events: &[Decoded]) -> Result<Outcome> {
+        let result = self.apply_in_transaction(events).await;
+        if result.is_err() {
+            // Whether the transaction committed is not known for every failure (a connection
+            // lost after COMMIT was sent); the next batch finds out through the checkpoint.
+            self.cache.clear();
+            // Leave the connection usable when it still is; a broken one fails here too and is
+            // dropped by the caller.
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        result
+    }
+
+    async fn apply_in_transaction(&mut self, events: &[Decoded]) -> Result<Outcome> {
         let applied = self.applied.sequence;
         let events: Vec<&Decoded> = events.iter().filter(|e| e.sequence > applied).collect();
         let Some(last) = events.last() else {
@@ -133,19 +165,6 @@ impl Writer {
                 instances: 0,
             });
         };
-        let transaction = self.client.transaction().await?;
-        let in_database = self.statements.checkpoint(&transaction, true).await?;
-        if in_database.sequence != applied {
-            transaction.rollback().await?;
-            tracing::info!(
-                expected = applied,
-                found = in_database.sequence,
-                "checkpoint moved by another writer; resynchronising"
-            );
-            self.applied = in_database;
-            return Ok(Outcome::Moved);
-        }
-
         let mut seen = HashSet::new();
         let touched: Vec<&str> = events
             .iter()
@@ -153,13 +172,45 @@ impl Writer {
             .map(|e| e.envelope.instance_id.as_str())
             .filter(|id| seen.insert(*id))
             .collect();
-        let loaded = self.statements.load(&transaction, &touched).await?;
+        let missing: Vec<&str> = touched
+            .iter()
+            .copied()
+            .filter(|id| !self.cache.contains_key(*id))
+            .collect();
+
+        // Sent in this order, executed in this order: the load runs once the checkpoint row is
+        // locked, so it sees everything committed before this transaction owns the projection.
+        let (began, in_database, loaded) = futures::join!(
+            self.client.batch_execute("BEGIN"),
+            self.statements.checkpoint(&self.client, true),
+            self.statements.load(&self.client, &missing),
+        );
+        began?;
+        let in_database = in_database?;
+        let loaded = loaded?;
+        if in_database.sequence != applied {
+            self.client.batch_execute("ROLLBACK").await?;
+            tracing::info!(
+                expected = applied,
+                found = in_database.sequence,
+                "checkpoint moved by another writer; resynchronising"
+            );
+            self.applied = in_database;
+            self.cache.clear();
+            return Ok(Outcome::Moved);
+        }
 
         let mut fold = Fold::new();
-        let mut metadata_before = HashMap::with_capacity(loaded.len());
-        for state in loaded {
-            metadata_before.insert(state.id.clone(), state.metadata.clone());
-            fold.restore(state);
+        let mut before: HashMap<&str, &InstanceState> = HashMap::with_capacity(touched.len());
+        for id in &touched {
+            if let Some(state) = self.cache.get(*id) {
+                before.insert(id, state);
+                fold.restore(state.clone());
+            }
+        }
+        for state in &loaded {
+            before.insert(&state.id, state);
+            fold.restore(state.clone());
         }
         let mut changed = HashSet::new();
         for event in &events {
@@ -168,38 +219,72 @@ impl Writer {
             }
         }
         let states: Vec<&InstanceState> = changed.iter().filter_map(|id| fold.get(id)).collect();
-        // Metadata is rewritten only where it changed: most events (health transitions) leave
-        // it alone, and deleting and reinserting identical rows would be pure write load.
+        // The health_check and metadata rows are rewritten only where they changed: most events
+        // leave one or both alone, and rewriting identical rows would be pure write load.
+        let checks_of: Vec<&InstanceState> = states
+            .iter()
+            .copied()
+            .filter(|state| {
+                before.get(state.id.as_str()).is_none_or(|old| {
+                    old.health_check != state.health_check
+                        || old.last_heartbeat_ms != state.last_heartbeat_ms
+                        || old.last_transition != state.last_transition
+                })
+            })
+            .collect();
         let metadata_of: Vec<&InstanceState> = states
             .iter()
             .copied()
-            .filter(|state| metadata_before.get(&state.id) != Some(&state.metadata))
+            .filter(|state| {
+                before
+                    .get(state.id.as_str())
+                    .is_none_or(|old| old.metadata != state.metadata)
+            })
             .collect();
         // Only instances that existed before the batch can have rows to delete.
         let metadata_replaced: Vec<&str> = metadata_of
             .iter()
             .map(|state| state.id.as_str())
-            .filter(|id| metadata_before.contains_key(*id))
+            .filter(|id| before.contains_key(*id))
             .collect();
         let checkpoint = Checkpoint {
             sequence: last.sequence,
             stored_at_ms: Some(last.stored_at_ms),
         };
         self.statements
-            .write(
-                &transaction,
+            .write_and_commit(
+                &self.client,
                 &states,
+                &checks_of,
                 &metadata_of,
                 &metadata_replaced,
                 checkpoint,
             )
             .await?;
-        transaction.commit().await?;
         self.applied = checkpoint;
+        let written = states.len();
+        self.remember(&fold);
         Ok(Outcome::Committed {
             events: events.len(),
-            instances: states.len(),
+            instances: written,
         })
+    }
+
+    /// Keeps the committed states of a batch's instances for the next batches. A full cache is
+    /// emptied rather than trimmed: simpler, and it refills with the instances in use.
+    fn remember(&mut self, fold: &Fold) {
+        if self.cache_capacity == 0 {
+            return;
+        }
+        if self.cache.len() + fold.len() > self.cache_capacity {
+            self.cache.clear();
+        }
+        for state in fold.instances() {
+            if self.cache.len() >= self.cache_capacity {
+                break;
+            }
+            self.cache.insert(state.id.clone(), state.clone());
+        }
     }
 }
 

@@ -19,7 +19,24 @@ use store::{Error, Status};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn projection_equals_the_fold_after_a_normal_run() {
-    let setup = Setup::new().await;
+    normal_run(Setup::new().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_equals_the_fold_without_a_state_cache() {
+    let mut setup = Setup::new().await;
+    setup.config.cache_instances = 0;
+    normal_run(setup).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_equals_the_fold_with_a_cache_that_overflows() {
+    let mut setup = Setup::new().await;
+    setup.config.cache_instances = 37;
+    normal_run(setup).await;
+}
+
+async fn normal_run(setup: Setup) {
     let mut workload = Workload::new(1, 400, 7);
     // A backlog first (large batches), then events arriving while it runs (small ones).
     let backlog = setup.append(&mut workload, 3000).await;
@@ -169,21 +186,20 @@ async fn isolation_survives_re_registration_and_deletion_is_a_soft_delete() {
     running.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_mid_batch_it_resumes_without_losing_or_double_applying() {
+/// Runs the projector through 1000 events, then makes its next batch block on `lock` (a table
+/// lock held by the test), kills the projector while it waits, releases the lock and restarts
+/// it. Returns the checkpoint found after the kill, and checks that the restarted projector
+/// applies every later event exactly once and the tables equal the fold.
+async fn kill_while_blocked(lock: &str) -> (u64, u64) {
     let setup = Setup::new().await;
     let mut workload = Workload::new(2, 300, 5);
     let first = setup.append(&mut workload, 1000).await;
     let running = setup.spawn();
     running.wait_for_sequence(first).await;
 
-    // Hold the instance table so that the next batch blocks inside its transaction, after
-    // fetching, locking the checkpoint and loading, before writing and committing.
     let mut blocker = client(&setup.env.database_url).await;
-    let lock = blocker.transaction().await.unwrap();
-    lock.batch_execute("LOCK TABLE registry.instance IN EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let held = blocker.transaction().await.unwrap();
+    held.batch_execute(lock).await.unwrap();
     let last = setup.append(&mut workload, 2000).await;
     let watcher = client(&setup.env.database_url).await;
     tokio::time::timeout(WAIT, async {
@@ -208,22 +224,61 @@ async fn killed_mid_batch_it_resumes_without_losing_or_double_applying() {
     .expect("the projector blocks mid-batch");
     running.task.abort();
     assert!(running.task.await.unwrap_err().is_cancelled());
-    lock.rollback().await.unwrap();
-    assert_eq!(
-        checkpoint(&setup.env.database_url).await,
-        first as i64,
-        "nothing of the interrupted batch is committed"
-    );
+    held.rollback().await.unwrap();
+    // The killed projector's connection may still finish what it had sent; wait until its
+    // backend is gone before reading the checkpoint it left.
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let backends: i64 = watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE application_name = 'registry-store-projector'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if backends == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the killed projector's backend ends");
+    let after_kill = checkpoint(&setup.env.database_url).await as u64;
 
     let restarted = setup.spawn();
     let progress = restarted.wait_for_sequence(last).await;
     assert_eq!(
         progress.events_applied,
-        last - first,
+        last - after_kill,
         "each event after the checkpoint applied once, none before it"
     );
     assert_consistent(&setup.config, setup.log.as_ref(), last).await;
     restarted.stop().await.unwrap();
+    (first, after_kill)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_before_writing_a_batch_it_resumes_without_losing_or_double_applying() {
+    // Blocks the first round trip of the batch (checkpoint lock and load): nothing is written
+    // or committed when it dies.
+    let (first, after_kill) =
+        kill_while_blocked("LOCK TABLE registry.projector_checkpoint IN EXCLUSIVE MODE").await;
+    assert_eq!(
+        after_kill, first,
+        "nothing of the interrupted batch is committed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_while_writing_a_batch_it_resumes_without_losing_or_double_applying() {
+    // Blocks the second round trip (writes, checkpoint and COMMIT already on the wire): the
+    // batch lands whole or not at all, never in part, and the restart takes it from there.
+    let (first, after_kill) =
+        kill_while_blocked("LOCK TABLE registry.instance IN EXCLUSIVE MODE").await;
+    assert!(after_kill >= first, "{after_kill} < {first}");
 }
 
 /// An event log whose durable consumers never acknowledge: every restart redelivers the whole
