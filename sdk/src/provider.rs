@@ -903,22 +903,25 @@ impl Keeper {
             }
             Err(error) => {
                 tracing::warn!(instance = %done.id, %error, "registration failed");
-                let mut waiters = entry.waiters.drain(..);
-                let first = waiters.next();
-                for waiter in waiters {
-                    let _ = waiter.send(Err(Error::new(error.kind(), error.message())));
-                }
-                let message = error.to_string();
-                if let Some(first) = first {
-                    let _ = first.send(Err(error));
-                }
-                if entry.ever_registered {
-                    entry.set_status(LeaseStatus::Failed { error: message });
-                } else if let Some(entry) = self.entries.remove(&done.id) {
-                    entry.set_status(LeaseStatus::Failed { error: message });
+                entry.set_status(LeaseStatus::Failed {
+                    error: error.to_string(),
+                });
+                let waiters = std::mem::take(&mut entry.waiters);
+                if !entry.ever_registered {
+                    // Never accepted: forget it before answering, so that the caller sees a
+                    // provider without it.
+                    self.entries.remove(&done.id);
                     self.stats
                         .instances
                         .store(self.entries.len() as u64, Ordering::Relaxed);
+                }
+                let (kind, detail) = (error.kind(), error.message().to_owned());
+                let mut error = Some(error);
+                for waiter in waiters {
+                    let answer = error
+                        .take()
+                        .unwrap_or_else(|| Error::new(kind, detail.clone()));
+                    let _ = waiter.send(Err(answer));
                 }
             }
         }
@@ -1146,6 +1149,12 @@ impl Keeper {
     }
 
     fn send_due(&mut self, now: Instant) {
+        // Send only once the earliest beat is due, then take every beat due within the
+        // coalescing window along: sending whatever entered the window at each wake-up (a
+        // response, a registration) would make many small messages instead of a few big ones.
+        if self.due.first().is_none_or(|(at, _)| *at > now) {
+            return;
+        }
         let horizon = now + self.config.coalesce;
         while self.in_flight.len() < self.config.max_batches_in_flight {
             let mut beats = Vec::new();

@@ -127,7 +127,10 @@ async fn follow_from_a_sequence_durable_resume_and_undecodable_events() {
     )
     .await
     .expect("NATS");
-    let subject = log.streams().instance_subject("default", "echo", &ids[1]);
+    // On a subject of the service that no instance uses (the API owns the instance subjects'
+    // sequences for optimistic concurrency).
+    let stranger = "f".repeat(40);
+    let subject = log.streams().instance_subject("default", "echo", &stranger);
     let foreign = log
         .append(
             StreamKind::Events,

@@ -254,8 +254,20 @@ async fn lost_instances_are_registered_again_after_not_found() {
         .subscribe("default", "echo")
         .await
         .expect("subscribe");
-    let before = view_until(&mut subscription, "the instance", |v| v.len() == 1).await;
+    // A few status changes, so that the service's revision in the lost log is above anything
+    // the four re-registrations can reach in the new one.
+    for weight in [10, 20, 30] {
+        client
+            .update_instance(&id, sdk::InstanceUpdate::default().weight(weight))
+            .await
+            .expect("update");
+    }
+    let before = view_until(&mut subscription, "the updates", |v| {
+        v.iter().any(|i| i.weight == 30)
+    })
+    .await;
     let old_revision = before.revision();
+    assert!(old_revision > 4, "{old_revision}");
 
     api.kill().await;
     api.resume().await;

@@ -23,6 +23,7 @@ async fn a_thousand_instances_share_one_heartbeat_stream() {
     let client = client(&[api.endpoint()]);
     let provider = Provider::new(client.clone());
 
+    let started = std::time::Instant::now();
     let mut registering = futures::stream::iter(0..INSTANCES)
         .map(|n| {
             let provider = provider.clone();
@@ -40,6 +41,11 @@ async fn a_thousand_instances_share_one_heartbeat_stream() {
     drop(registering);
     let ids: HashSet<String> = handles.iter().map(|h| h.id().to_owned()).collect();
     assert_eq!(ids.len(), usize::from(INSTANCES));
+    eprintln!(
+        "registered {INSTANCES} instances in {:?}",
+        started.elapsed()
+    );
+    let started = std::time::Instant::now();
 
     // Independent check on the server side: read the heartbeat stream until every instance
     // has a beat recorded after registration.
@@ -75,6 +81,11 @@ async fn a_thousand_instances_share_one_heartbeat_stream() {
     });
 
     let stats = provider.stats();
+    eprintln!(
+        "every instance beat within {:?}: {stats:?}",
+        started.elapsed()
+    );
+    let started = std::time::Instant::now();
     assert_eq!(stats.instances, u64::from(INSTANCES));
     assert_eq!(stats.streams_opened, 1, "one stream for all: {stats:?}");
     assert_eq!(stats.stream_failures, 0, "{stats:?}");
@@ -93,6 +104,10 @@ async fn a_thousand_instances_share_one_heartbeat_stream() {
     let report = provider.shutdown().await;
     assert!(report.is_clean(), "{:?}", report.failed.first());
     assert_eq!(report.deregistered.len(), usize::from(INSTANCES));
+    eprintln!(
+        "deregistered {INSTANCES} instances in {:?}",
+        started.elapsed()
+    );
     let services = client.list_services("fleet").await.expect("list");
     assert!(services.iter().all(|s| s.total == 0), "{services:?}");
     // The handles are inert now: dropping them does nothing.

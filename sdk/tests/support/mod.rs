@@ -24,7 +24,32 @@ pub fn registryd_binary() -> PathBuf {
         .get_or_init(|| {
             let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_owned());
-            let status = std::process::Command::new(cargo)
+            let mut build = std::process::Command::new(cargo);
+            // Cargo sets per-package variables for the test process; build scripts that watch
+            // them (ring watches CARGO_MANIFEST_DIR and OUT_DIR) would otherwise rebuild on every switch
+            // between `cargo test` and this build.
+            for (name, _) in std::env::vars_os() {
+                let name = name.to_string_lossy();
+                if [
+                    "CARGO_PKG_",
+                    "CARGO_MANIFEST_",
+                    "CARGO_CRATE_",
+                    "CARGO_BIN_",
+                ]
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+                    || [
+                        "CARGO_PRIMARY_PACKAGE",
+                        "CARGO_TARGET_TMPDIR",
+                        "CARGO_RUSTC_CURRENT_DIR",
+                        "OUT_DIR",
+                    ]
+                    .contains(&name.as_ref())
+                {
+                    build.env_remove(name.as_ref());
+                }
+            }
+            let status = build
                 .current_dir(manifest_dir.join(".."))
                 .args([
                     "build",
