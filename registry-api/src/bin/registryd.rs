@@ -77,6 +77,11 @@ struct Options {
     /// the fleet seems to die at once).
     #[arg(long, env = "REGISTRY_NO_SELF_PRESERVATION", global = true)]
     no_self_preservation: bool,
+    /// Directory for local state: the health engine's lease snapshot, which bounds the replay
+    /// at start-up to the history since the last snapshot. Without it every start replays the
+    /// whole events stream. The snapshot is a cache of the log, never a source of truth.
+    #[arg(long, env = "REGISTRY_DATA_DIR", global = true)]
+    data_dir: Option<std::path::PathBuf>,
     /// Log format.
     #[arg(long, env = "REGISTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -145,6 +150,10 @@ fn engine_config(options: &Options) -> health_engine::Config {
         ..health_engine::Config::default()
     };
     config.self_preservation.enabled = !options.no_self_preservation;
+    config.snapshot_path = options
+        .data_dir
+        .as_ref()
+        .map(|dir| dir.join(format!("engine-{}.snapshot", options.stream_prefix)));
     config
 }
 
@@ -209,6 +218,10 @@ async fn run(cli: Cli) -> Result<()> {
         tasks.spawn(async move { ("projector", projector.run(token).await.map_err(Into::into)) });
     }
     if run_engine {
+        if let Some(dir) = &options.data_dir {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the data directory {}", dir.display()))?;
+        }
         let engine = health_engine::HealthEngine::new(engine_config(&options), Arc::clone(&log))?;
         let token = shutdown.clone();
         tasks.spawn(async move { ("health engine", engine.run(token).await.map_err(Into::into)) });
