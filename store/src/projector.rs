@@ -98,7 +98,8 @@ pub struct Progress {
     pub events_applied: u64,
     /// Transactions committed since `run` started.
     pub batches_applied: u64,
-    /// The last failure, cleared when a session starts working again.
+    /// The last failure: what interrupted the projector (while retrying), or, while running, an
+    /// event log it cannot currently reach. Cleared when that is over.
     pub last_error: Option<String>,
 }
 
@@ -253,6 +254,9 @@ impl Projector {
     }
 }
 
+/// Longest wait for the stream's last sequence when refreshing the lag.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long each fetch waits while a batch is being written: short, because the collection ends
 /// as soon as the write does and the wait adds to the next batch's start.
 const COLLECT_WAIT: Duration = Duration::from_millis(2);
@@ -312,6 +316,7 @@ struct Run<'a> {
     backoff: Backoff,
     last_refresh: Option<Instant>,
     last_lag_warning: Option<Instant>,
+    last_refresh_warning: Option<Instant>,
     warned_behind: bool,
 }
 
@@ -326,6 +331,7 @@ impl<'a> Run<'a> {
             backoff: Backoff::new(config.retry_initial, config.retry_max),
             last_refresh: None,
             last_lag_warning: None,
+            last_refresh_warning: None,
             warned_behind: false,
         }
     }
@@ -399,9 +405,39 @@ impl<'a> Run<'a> {
             return;
         }
         self.last_refresh = Some(Instant::now());
-        match self.log.last_sequence(StreamKind::Events).await {
-            Ok(last) => self.publish(|snapshot| snapshot.set_stream_last(last)),
-            Err(error) => tracing::debug!(%error, "cannot read the stream's last sequence"),
+        // Bounded: with NATS down the request would wait out the client's own timeout, holding
+        // up the retry loop and shutdown.
+        let last_sequence = self.log.last_sequence(StreamKind::Events);
+        let failure = match tokio::time::timeout(REFRESH_TIMEOUT, last_sequence).await {
+            Ok(Ok(last)) => {
+                self.publish(|snapshot| {
+                    snapshot.set_stream_last(last);
+                    if snapshot.status == Status::Running {
+                        snapshot.last_error = None;
+                    }
+                });
+                None
+            }
+            Ok(Err(error)) => Some(format!(
+                "cannot read the event stream's last sequence: {error}"
+            )),
+            Err(_) => Some("reading the event stream's last sequence timed out".to_owned()),
+        };
+        if let Some(failure) = failure {
+            // An idle consumer does not notice that NATS is gone (nothing to fetch is not an
+            // error), so this is where the outage becomes visible.
+            let quiet = self
+                .last_refresh_warning
+                .is_some_and(|at| at.elapsed() < self.config.lag_log_interval);
+            if !quiet {
+                self.last_refresh_warning = Some(Instant::now());
+                tracing::warn!(error = %failure, "projector cannot reach the event log");
+            }
+            self.publish(|snapshot| {
+                if snapshot.status == Status::Running {
+                    snapshot.last_error = Some(failure);
+                }
+            });
         }
         let progress = self.progress();
         if progress.lag >= self.config.lag_warn {
