@@ -391,17 +391,17 @@ impl<'a> Run<'a> {
                 _ = self.shutdown.cancelled() => return false,
                 _ = tokio::time::sleep(step) => {}
             }
-            self.refresh(false).await;
+            self.refresh().await;
         }
     }
 
-    /// Reads the stream's last sequence (at most once per `progress_interval` unless `now`) and
-    /// logs the lag when it is large, or when it is gone after being large.
-    async fn refresh(&mut self, now: bool) {
+    /// Reads the stream's last sequence (at most once per `progress_interval`) and logs the lag
+    /// when it is large, or when it is gone after being large.
+    async fn refresh(&mut self) {
         let due = self
             .last_refresh
             .is_none_or(|at| at.elapsed() >= self.config.progress_interval);
-        if !now && !due {
+        if !due {
             return;
         }
         self.last_refresh = Some(Instant::now());
@@ -517,7 +517,7 @@ impl<'a> Run<'a> {
         // written, so that the next transaction starts at once with a full batch.
         let mut in_hand: Vec<Record> = Vec::new();
         loop {
-            self.refresh(false).await;
+            self.refresh().await;
             if in_hand.is_empty() {
                 // Read before the fetch: events up to here were stored before it started.
                 let known_last = self.projector.snapshot.borrow().stream_last;

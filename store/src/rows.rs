@@ -18,11 +18,13 @@ pub(crate) const CHECK_HEARTBEAT: &str = "heartbeat";
 /// `health_check.type` of an instance without health checking.
 pub(crate) const CHECK_NONE: &str = "none";
 
-const LOCK_CHECKPOINT: &str = "SELECT last_sequence, last_stored_at FROM projector_checkpoint \
-     WHERE projection = $1 FOR UPDATE";
+// `tableoid` identifies the table the row lives in: a rebuild swaps in a new table with the same
+// checkpoint value, and the writer must notice that too.
+const LOCK_CHECKPOINT: &str = "SELECT last_sequence, last_stored_at, tableoid \
+     FROM projector_checkpoint WHERE projection = $1 FOR UPDATE";
 
-const READ_CHECKPOINT: &str =
-    "SELECT last_sequence, last_stored_at FROM projector_checkpoint WHERE projection = $1";
+const READ_CHECKPOINT: &str = "SELECT last_sequence, last_stored_at, tableoid \
+     FROM projector_checkpoint WHERE projection = $1";
 
 const SAVE_CHECKPOINT: &str = "UPDATE projector_checkpoint \
      SET last_sequence = $2, last_stored_at = $3, updated_at = now() WHERE projection = $1";
@@ -131,19 +133,25 @@ impl Statements {
         })
     }
 
-    /// Reads the checkpoint; with `for_update`, also locks its row until the transaction ends,
-    /// which serialises every writer of the projection (projector, rebuild swap).
-    pub(crate) async fn checkpoint(&self, client: &Client, for_update: bool) -> Result<Checkpoint> {
+    /// Reads the checkpoint and the OID of the table holding it; with `for_update`, also locks
+    /// its row until the transaction ends, which serialises every writer of the projection
+    /// (projector, rebuild swap).
+    pub(crate) async fn checkpoint(
+        &self,
+        client: &Client,
+        for_update: bool,
+    ) -> Result<(Checkpoint, u32)> {
         let statement = if for_update {
             &self.lock_checkpoint
         } else {
             &self.read_checkpoint
         };
         let row = client.query_one(statement, &[&PROJECTION]).await?;
-        Ok(Checkpoint {
+        let checkpoint = Checkpoint {
             sequence: to_u64(row.get(0), "projector_checkpoint", "last_sequence")?,
             stored_at_ms: row.get::<_, Option<OffsetDateTime>>(1).map(to_millis),
-        })
+        };
+        Ok((checkpoint, row.get(2)))
     }
 
     /// Loads the states of the given instances (those that exist).

@@ -2,10 +2,11 @@
 //!
 //! A batch is applied with the canonical [`Fold`] itself, so the projection cannot drift from the
 //! meaning of the events: the transaction locks the checkpoint row, loads the current state of
-//! the instances the batch touches, restores them into a fresh fold, applies the events, and
-//! writes back the instances that changed together with the new checkpoint. Events at or below
-//! the checkpoint were applied by an earlier transaction and are skipped; the fold also ignores
-//! sequences at or below an instance's revision, so applying an event twice changes nothing.
+//! the instances the batch touches (those not in the writer's cache), restores them into a fresh
+//! fold, applies the events, and writes back the instances that changed together with the new
+//! checkpoint. Events at or below the checkpoint were applied by an earlier transaction and are
+//! skipped; the fold also ignores sequences at or below an instance's revision, so applying an
+//! event twice changes nothing.
 
 use std::collections::{HashMap, HashSet};
 
@@ -78,6 +79,9 @@ pub(crate) struct Writer {
     client: Client,
     statements: Statements,
     applied: Checkpoint,
+    /// OID of the checkpoint table the writer works on; another one means a rebuild swapped the
+    /// tables.
+    table: u32,
     cache: HashMap<String, InstanceState>,
     cache_capacity: usize,
 }
@@ -94,11 +98,12 @@ impl Writer {
         let mut client = schema::connect(database_url, schema, application_name).await?;
         schema::migrate_schema(&mut client, schema).await?;
         let statements = Statements::prepare(&client).await?;
-        let applied = statements.checkpoint(&client, false).await?;
+        let (applied, table) = statements.checkpoint(&client, false).await?;
         Ok(Writer {
             client,
             statements,
             applied,
+            table,
             cache: HashMap::new(),
             cache_capacity,
         })
@@ -112,7 +117,7 @@ impl Writer {
             .await?;
         let locked: bool = row.get(0);
         if locked {
-            self.applied = self.statements.checkpoint(&self.client, false).await?;
+            (self.applied, self.table) = self.statements.checkpoint(&self.client, false).await?;
             self.cache.clear();
         }
         Ok(locked)
@@ -126,7 +131,7 @@ impl Writer {
             .execute("SELECT pg_advisory_lock($1)", &[&lock::PROJECTOR])
             .await?;
         // Another projector may have moved on while this one waited.
-        self.applied = self.statements.checkpoint(&self.client, false).await?;
+        (self.applied, self.table) = self.statements.checkpoint(&self.client, false).await?;
         self.cache.clear();
         Ok(())
     }
@@ -186,16 +191,20 @@ impl Writer {
             self.statements.load(&self.client, &missing),
         );
         began?;
-        let in_database = in_database?;
+        let (in_database, table) = in_database?;
         let loaded = loaded?;
-        if in_database.sequence != applied {
+        if in_database.sequence != applied || table != self.table {
+            // Someone else wrote the projection: the cache and the loaded states may not
+            // describe the tables any more. Start over from what they say.
             self.client.batch_execute("ROLLBACK").await?;
             tracing::info!(
                 expected = applied,
                 found = in_database.sequence,
-                "checkpoint moved by another writer; resynchronising"
+                swapped = table != self.table,
+                "checkpoint moved by another writer or tables swapped by a rebuild; resynchronising"
             );
             self.applied = in_database;
+            self.table = table;
             self.cache.clear();
             return Ok(Outcome::Moved);
         }

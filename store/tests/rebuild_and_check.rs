@@ -3,6 +3,8 @@
 mod common;
 
 use common::{Setup, assert_consistent, client, dump};
+use event_log::event::{InstanceTurnedHealthy, InstanceTurnedUnhealthy};
+use event_log::{Append, Envelope, Event, EventLog, StreamKind};
 use store::workload::Workload;
 use store::{Error, Status};
 
@@ -176,4 +178,81 @@ async fn check_reports_every_difference() {
         text.contains(&format!("instance {id} .weight: stream says")),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuild_repairs_tampered_rows_even_under_a_running_projector() {
+    let setup = Setup::new().await;
+    let streams = setup.log.streams().clone();
+    let mut workload = Workload::new(15, 50, 2);
+    let first = setup.append(&mut workload, 200).await;
+    let running = setup.spawn();
+    running.wait_for_sequence(first).await;
+    running.stop().await.unwrap();
+
+    // Damage one live instance's row by hand, then let a fresh projector read it (it trusts the
+    // tables, and now holds the damaged state in its cache).
+    let client = client(&setup.env.database_url).await;
+    let row = client
+        .query_one(
+            "SELECT id, namespace, service FROM registry.instance
+             WHERE deleted_at IS NULL ORDER BY id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (id, namespace, service): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+    client
+        .execute(
+            "UPDATE registry.instance SET weight = 999 WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    let running = setup.spawn();
+    let turn = |healthy: bool| {
+        let event = if healthy {
+            Event::InstanceTurnedHealthy(InstanceTurnedHealthy {
+                heartbeat_ms: 1_790_000_000_000,
+                generation: 1,
+            })
+        } else {
+            Event::InstanceTurnedUnhealthy(InstanceTurnedUnhealthy {
+                last_heartbeat_ms: None,
+                deadline_ms: 1_790_000_000_000,
+                generation: 1,
+            })
+        };
+        Append::event(
+            &streams,
+            &Envelope::new(namespace.clone(), service.clone(), id.clone(), event),
+        )
+        .unwrap()
+    };
+    let touched = setup
+        .log
+        .append(StreamKind::Events, turn(false))
+        .await
+        .unwrap()
+        .sequence;
+    running.wait_for_sequence(touched).await;
+    let report = store::check(&setup.config, setup.log.as_ref())
+        .await
+        .unwrap();
+    assert_eq!(report.differences.len(), 1, "{report}");
+
+    store::rebuild(&setup.config, setup.log.as_ref())
+        .await
+        .unwrap();
+    assert_consistent(&setup.config, setup.log.as_ref(), touched).await;
+    // The running projector notices the swap and forgets what it had cached.
+    let after = setup
+        .log
+        .append(StreamKind::Events, turn(true))
+        .await
+        .unwrap()
+        .sequence;
+    running.wait_for_sequence(after).await;
+    assert_consistent(&setup.config, setup.log.as_ref(), after).await;
+    running.stop().await.unwrap();
 }
