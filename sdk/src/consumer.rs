@@ -465,11 +465,15 @@ async fn watch_service(
         };
         tracing::debug!(%namespace, %service, endpoint = %client.endpoint_url(index), %error, "watch interrupted; serving from cache");
         client.failed(index);
+        let newly_stale = synced && stale_since.is_none();
         let since = *stale_since.get_or_insert_with(Instant::now);
-        let view = cache.view(Some(since));
-        publish(&sender, |state| {
-            state.instances = view;
+        // Subscribers hear of the cache turning stale once, not of every failed retry.
+        sender.send_if_modified(|state| {
             state.last_error = Some(error);
+            if newly_stale {
+                state.instances = cache.view(Some(since));
+            }
+            newly_stale
         });
         let delay = backoff.next_delay();
         tokio::select! {
@@ -558,6 +562,28 @@ mod tests {
         assert_eq!(view.len(), 1);
         assert!(!view.iter().next().unwrap().healthy);
         assert_eq!(view.staleness(), None);
+    }
+
+    #[tokio::test]
+    async fn nothing_cached_and_no_server_is_unavailable_then_closed() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = Client::connect_to(format!("127.0.0.1:{port}")).unwrap();
+        let consumer = Consumer::with_config(
+            client,
+            ConsumerConfig {
+                initial_wait: Duration::from_millis(300),
+            },
+        );
+        let error = consumer.discover("default", "echo").await.unwrap_err();
+        assert_eq!(error.kind(), DiscoverErrorKind::Unavailable);
+        assert!(error.message().contains("last error"), "{error}");
+        consumer.close();
+        let error = consumer.discover("default", "echo").await.unwrap_err();
+        assert_eq!(error.kind(), DiscoverErrorKind::Closed);
     }
 
     #[test]

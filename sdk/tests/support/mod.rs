@@ -114,7 +114,7 @@ impl Registryd {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Where its stderr goes (printed when a wait fails).
+    /// Its stderr so far (shown when a wait fails; the file is kept when a test fails).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -173,6 +173,15 @@ impl Registryd {
                 .await
                 .expect("registryd did not die")
                 .unwrap();
+        }
+    }
+}
+
+impl Drop for Registryd {
+    fn drop(&mut self) {
+        // `kill_on_drop` ends the process; keep its log only when the test failed.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
         }
     }
 }
