@@ -516,6 +516,9 @@ struct Entry {
     /// Cancels the retry loop of a running registration (between attempts).
     cancel: CancellationToken,
     ever_registered: bool,
+    /// A registration was sent at least once, so the server may hold the instance even if no
+    /// answer said so (an attempt cut short by a timeout or a cancellation).
+    maybe_on_server: bool,
     status: watch::Sender<LeaseStatus>,
     /// Callers of `register` waiting for the outcome.
     waiters: Vec<RegisterReply>,
@@ -751,6 +754,7 @@ impl Keeper {
                         register_again: false,
                         cancel: CancellationToken::new(),
                         ever_registered: false,
+                        maybe_on_server: false,
                         status,
                         waiters: vec![reply],
                         removal: None,
@@ -838,6 +842,7 @@ impl Keeper {
                 continue;
             }
             entry.registration = Registration::Running;
+            entry.maybe_on_server = true;
             entry.cancel = CancellationToken::new();
             let cancel = entry.cancel.clone();
             let spec = entry.spec.clone();
@@ -908,8 +913,10 @@ impl Keeper {
                 });
                 let waiters = std::mem::take(&mut entry.waiters);
                 if !entry.ever_registered {
-                    // Never accepted: forget it before answering, so that the caller sees a
-                    // provider without it.
+                    // Refused (or never answered) on first registration: forget it before
+                    // answering, so that the caller sees a provider without it. An attempt
+                    // that timed out may still land on the server; an ephemeral instance then
+                    // expires with its lease.
                     self.entries.remove(&done.id);
                     self.stats
                         .instances
@@ -960,8 +967,8 @@ impl Keeper {
             return;
         }
         removal.started = true;
-        if !entry.ever_registered {
-            // The server never accepted it: nothing to remove there.
+        if !entry.maybe_on_server {
+            // Never sent to a server: nothing to remove there.
             self.deregistrations
                 .spawn(std::future::ready((id.to_owned(), Ok(()))));
             return;

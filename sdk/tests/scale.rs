@@ -141,3 +141,34 @@ async fn invalid_registrations_are_refused_with_the_fields_named() {
         .expect_err("closed");
     assert_eq!(closed.kind(), RegisterErrorKind::Closed);
 }
+
+/// Operations on one address are serialised: a handle dropped and the address registered
+/// again at once ends registered (the deregistration does not overtake the new registration),
+/// and an explicit deregistration removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_then_register_again_ends_registered_and_deregister_removes() {
+    let env = TestEnv::nats_only().await.expect("NATS");
+    let api = Registryd::start(&env, "api", &["--embedded"]).await;
+    let client = client(&[api.endpoint()]);
+    let provider = Provider::new(client.clone());
+    let spec = InstanceSpec::new("default", "echo", "10.0.0.1", 8080).ttl(Duration::from_secs(1));
+    let id = spec.id();
+    let first = provider.register(spec.clone()).await.expect("register");
+    drop(first);
+    let mut second = provider.register(spec).await.expect("register again");
+    tokio::time::timeout(WAIT, second.wait_for(sdk::LeaseStatus::is_active))
+        .await
+        .expect("active");
+    let instance = client.get_instance(&id).await.expect("registered");
+    assert_eq!(instance.id, id);
+    second.deregister().await.expect("deregister");
+    let gone = client.get_instance(&id).await.expect_err("deregistered");
+    assert_eq!(gone.kind(), sdk::QueryErrorKind::NotFound);
+    assert_eq!(provider.stats().instances, 0);
+    let stats = provider.stats();
+    assert_eq!(
+        (stats.registrations, stats.deregistrations),
+        (2, 2),
+        "{stats:?}"
+    );
+}
