@@ -65,8 +65,11 @@
 //! ```
 //!
 //! Each takes the registry's address from `REGISTRY_ENDPOINTS` (comma-separated, default
-//! `http://127.0.0.1:50051`); `events` takes `NATS_URL` and `REGISTRY_STREAM_PREFIX`. Run
-//! several providers with `-- --port 8081` etc.; the consumer shows them come and go.
+//! `http://127.0.0.1:50051`); `events` takes `NATS_URL` and `REGISTRY_STREAM_PREFIX`. When
+//! `cargo xtask up` started a private NATS (no `NATS_URL` set), it prints that server's URL:
+//! pass it as `NATS_URL` to `events`. Run several providers with `-- --port 8081` etc.; the
+//! consumer shows them come and go, and shows its cache turn stale (and live again) when
+//! `registryd` is stopped (and started again).
 //!
 //! # Generated code
 //!
