@@ -79,13 +79,32 @@ fn parse_args() -> Result<Args> {
 
 /// CPU time (user + system) of this process so far, from /proc (Linux clock ticks of 10 ms).
 fn process_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_of("/proc/self/stat")
+}
+
+/// CPU time of the process whose `/proc/PID/stat` is `path`.
+fn cpu_of(path: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
     let after_name = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     let user: u64 = fields.get(11)?.parse().ok()?;
     let system: u64 = fields.get(12)?.parse().ok()?;
     Some(Duration::from_millis((user + system) * 10))
+}
+
+/// CPU time of the projector's PostgreSQL backend so far, when the server runs on this machine.
+async fn backend_cpu(admin: &tokio_postgres::Client, database: &str) -> Option<Duration> {
+    let row = admin
+        .query_opt(
+            "SELECT pid FROM pg_stat_activity
+             WHERE datname = $1 AND application_name = 'registry-store-projector'",
+            &[&database],
+        )
+        .await
+        .ok()??;
+    let pid: i32 = row.get(0);
+    cpu_of(&format!("/proc/{pid}/stat"))
 }
 
 fn percentile(sorted: &[u64], fraction: f64) -> u64 {
@@ -119,7 +138,10 @@ async fn append_paced(
 struct Phase {
     events: u64,
     elapsed: Duration,
+    /// This process: the projector, plus the appender in the live phase.
     cpu: Duration,
+    /// The projector's PostgreSQL backend, when measurable.
+    backend_cpu: Option<Duration>,
 }
 
 impl Phase {
@@ -160,7 +182,7 @@ async fn main() -> Result<()> {
         .await?;
     let database_url = xtask::harness::database_url_for(&admin_url, &database)?;
 
-    let outcome = run(&args, log.clone(), &database_url).await;
+    let outcome = run(&args, log.clone(), &database_url, &admin, &database).await;
 
     // Clean up whatever happened.
     let jetstream = async_nats::jetstream::new(log.client().clone());
@@ -178,7 +200,13 @@ async fn main() -> Result<()> {
     outcome
 }
 
-async fn run(args: &Args, log: Arc<JetStreamLog>, database_url: &str) -> Result<()> {
+async fn run(
+    args: &Args,
+    log: Arc<JetStreamLog>,
+    database_url: &str,
+    admin: &tokio_postgres::Client,
+    database: &str,
+) -> Result<()> {
     let dyn_log: Arc<dyn EventLog> = log.clone();
     let mut workload = Workload::new(42, args.instances, (args.instances / 100).max(1));
     store::migrate(database_url).await?;
@@ -203,10 +231,13 @@ async fn run(args: &Args, log: Arc<JetStreamLog>, database_url: &str) -> Result<
         .wait_for_sequence(backlog)
         .await
         .context("the projector stopped during catch-up")?;
+    let backend_after_catch_up = backend_cpu(admin, database).await;
     let catch_up = Phase {
         events: backlog,
         elapsed: started.elapsed(),
         cpu: process_cpu().unwrap_or_default().saturating_sub(cpu_before),
+        // The backend was started by this projector at the start of the phase.
+        backend_cpu: backend_after_catch_up,
     };
     let batches_catch_up = handle.progress().batches_applied;
 
@@ -238,10 +269,14 @@ async fn run(args: &Args, log: Arc<JetStreamLog>, database_url: &str) -> Result<
         .wait_for_sequence(last)
         .await
         .context("the projector stopped during the live phase")?;
+    let backend_after_live = backend_cpu(admin, database).await;
     let live = Phase {
         events: last - backlog,
         elapsed: started.elapsed(),
         cpu: process_cpu().unwrap_or_default().saturating_sub(cpu_before),
+        backend_cpu: backend_after_live
+            .zip(backend_after_catch_up)
+            .map(|(after, before)| after.saturating_sub(before)),
     };
     sampler.0.cancel();
     let (mut lag_ms, mut lag_events) = sampler.1.await?;
@@ -269,27 +304,39 @@ async fn run(args: &Args, log: Arc<JetStreamLog>, database_url: &str) -> Result<
         "projector benchmark: {} events per phase over {} instances, batch size {}",
         args.events, args.instances, args.batch_size
     );
+    let seconds = |cpu: Option<Duration>| {
+        cpu.map_or_else(
+            || "-".to_owned(),
+            |cpu| format!("{:.2}s", cpu.as_secs_f64()),
+        )
+    };
     println!(
-        "{:<34} {:>14} {:>10} {:>12}",
-        "phase", "events/s", "events", "cpu (bench)"
+        "{:<34} {:>10} {:>8} {:>10} {:>10}",
+        "phase", "events/s", "events", "cpu bench", "cpu pg"
     );
     println!(
-        "{:<34} {:>14.0} {:>10} {:>12}",
-        "append (pipelined, 512 in flight)", append_rate, args.events, "-"
+        "{:<34} {:>10.0} {:>8} {:>10} {:>10}",
+        "append (pipelined, 512 in flight)", append_rate, args.events, "-", "-"
     );
+    for (name, phase) in [
+        ("projector catch-up (backlog)".to_owned(), &catch_up),
+        (
+            format!("projector live (appends at {}/s)", args.rate),
+            &live,
+        ),
+    ] {
+        println!(
+            "{:<34} {:>10.0} {:>8} {:>10} {:>10}",
+            name,
+            phase.rate(),
+            phase.events,
+            seconds(Some(phase.cpu)),
+            seconds(phase.backend_cpu)
+        );
+    }
     println!(
-        "{:<34} {:>14.0} {:>10} {:>11.2}s",
-        "projector catch-up (backlog)",
-        catch_up.rate(),
-        catch_up.events,
-        catch_up.cpu.as_secs_f64()
-    );
-    println!(
-        "{:<34} {:>14.0} {:>10} {:>11.2}s",
-        format!("projector live (appends at {}/s)", args.rate),
-        live.rate(),
-        live.events,
-        live.cpu.as_secs_f64()
+        "(cpu bench: this process, i.e. the projector, and the appender in the live phase; \
+         cpu pg: the projector's PostgreSQL backend)"
     );
     println!(
         "live lag: p50 {lag_p50} ms, p99 {lag_p99} ms, max {lag_max} ms; events behind p99 {lag_events_p99}, max {lag_events_max}"
@@ -318,10 +365,12 @@ async fn run(args: &Args, log: Arc<JetStreamLog>, database_url: &str) -> Result<
         "catchup_events_per_s": catch_up.rate().round(),
         "catchup_seconds": catch_up.elapsed.as_secs_f64(),
         "catchup_cpu_seconds": catch_up.cpu.as_secs_f64(),
+        "catchup_postgres_cpu_seconds": catch_up.backend_cpu.map(|cpu| cpu.as_secs_f64()),
         "live_append_rate": args.rate,
         "live_events_per_s": live.rate().round(),
         "live_seconds": live.elapsed.as_secs_f64(),
         "live_cpu_seconds": live.cpu.as_secs_f64(),
+        "live_postgres_cpu_seconds": live.backend_cpu.map(|cpu| cpu.as_secs_f64()),
         "lag_p50_ms": lag_p50,
         "lag_p99_ms": lag_p99,
         "lag_max_ms": lag_max,

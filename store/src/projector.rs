@@ -586,10 +586,20 @@ impl<'a> Run<'a> {
             let Some(next) = next else {
                 return Ok(());
             };
-            if next > applied + 1 && !gap_repaired {
-                gap_repaired = true;
-                self.repair_gap(writer, next - 1).await?;
-                continue;
+            if next > applied + 1 {
+                if !gap_repaired {
+                    gap_repaired = true;
+                    self.repair_gap(writer, next - 1).await?;
+                    continue;
+                }
+                // Still a gap after reading the log: only a fresh projection may start where the
+                // stream starts (its beginning was purged); anything else would skip events.
+                if applied > 0 {
+                    return Err(Error::Gap {
+                        applied,
+                        found: next,
+                    });
+                }
             }
             if decoded.is_empty() {
                 break;
