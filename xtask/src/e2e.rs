@@ -11,123 +11,19 @@
 //! 5. A third-party client (grpcurl, through server reflection) registers and discovers.
 //! 6. SIGTERM: registryd exits 0.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
-use async_nats::jetstream;
+use anyhow::{Result, anyhow, bail, ensure};
 use futures::StreamExt;
 use sdk::proto;
 use sdk::proto::registry_client::RegistryClient;
 use xtask::harness::Services;
 
+use crate::process::{Registryd, Subscriber, build_registryd, cleanup, ensure_database};
+
 const TTL_MS: u64 = 1000;
 const WAIT: Duration = Duration::from_secs(15);
-
-struct Registryd {
-    child: Child,
-    address: String,
-}
-
-impl Registryd {
-    fn start(binary: &std::path::Path, args: &[String]) -> Result<Registryd> {
-        let mut child = Command::new(binary)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .spawn()
-            .context("starting registryd")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let address = loop {
-            let line = lines
-                .next()
-                .ok_or_else(|| anyhow!("registryd exited before listening"))??;
-            if let Some(address) = line.strip_prefix("registryd: gRPC API listening on ") {
-                break address.trim().to_owned();
-            }
-        };
-        // Keep draining stdout so registryd never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Ok(Registryd { child, address })
-    }
-
-    fn terminate(mut self) -> Result<std::process::ExitStatus> {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status()?;
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                bail!("registryd did not exit within {WAIT:?} of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Registryd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The independent downstream subscriber: an ordered JetStream consumer over the events
-/// stream, decoding envelopes as untyped JSON.
-struct Subscriber {
-    messages: jetstream::consumer::pull::Ordered,
-}
-
-struct Seen {
-    sequence: u64,
-    at: Instant,
-    json: serde_json::Value,
-}
-
-impl Subscriber {
-    async fn start(nats_url: &str, prefix: &str) -> Result<Subscriber> {
-        let client = async_nats::connect(nats_url).await?;
-        let jetstream = jetstream::new(client);
-        let stream = jetstream
-            .get_stream(format!("{}_EVENTS", prefix.to_uppercase()))
-            .await?;
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: format!("{prefix}.evt.>"),
-                ..Default::default()
-            })
-            .await?;
-        Ok(Subscriber {
-            messages: consumer.messages().await?,
-        })
-    }
-
-    async fn wait_for(&mut self, event_type: &str, instance_id: &str) -> Result<Seen> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let message = tokio::time::timeout_at(deadline, self.messages.next())
-                .await
-                .map_err(|_| anyhow!("no {event_type} for {instance_id} within {WAIT:?}"))?
-                .ok_or_else(|| anyhow!("event stream ended"))??;
-            let at = Instant::now();
-            let sequence = message.info().map_err(|e| anyhow!("{e}"))?.stream_sequence;
-            let json: serde_json::Value = serde_json::from_slice(&message.payload)
-                .with_context(|| format!("event {sequence} is not JSON"))?;
-            if json["event_type"] == event_type && json["instance_id"] == instance_id {
-                return Ok(Seen { sequence, at, json });
-            }
-        }
-    }
-}
 
 fn instance_ref(id: &str) -> Option<proto::InstanceRef> {
     Some(proto::InstanceRef {
@@ -137,7 +33,7 @@ fn instance_ref(id: &str) -> Option<proto::InstanceRef> {
 
 /// Runs the scenario against `services`.
 pub(crate) fn run(services: &Services) -> Result<()> {
-    let registryd = crate::build_registryd()?;
+    let registryd = build_registryd()?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(scenario(services, &registryd))
 }
@@ -146,7 +42,7 @@ async fn scenario(services: &Services, binary: &std::path::Path) -> Result<()> {
     let suffix = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
     let prefix = format!("e2e{suffix}");
     let database = format!("e2e_{suffix}");
-    let database_url = crate::ensure_database(&services.database_url, &database).await?;
+    let database_url = ensure_database(&services.database_url, &database).await?;
     let args = vec![
         "--listen".to_owned(),
         "127.0.0.1:0".to_owned(),
@@ -158,7 +54,13 @@ async fn scenario(services: &Services, binary: &std::path::Path) -> Result<()> {
         prefix.clone(),
     ];
     let result = steps(services, binary, &args, &prefix, &database_url).await;
-    cleanup(services, &prefix, &database).await;
+    cleanup(
+        &services.nats_url,
+        &services.database_url,
+        &prefix,
+        &database,
+    )
+    .await;
     result
 }
 
@@ -171,7 +73,7 @@ async fn steps(
 ) -> Result<()> {
     let server = Registryd::start(binary, args)?;
     eprintln!("e2e: registryd listening on {}", server.address);
-    let mut subscriber = Subscriber::start(&services.nats_url, prefix).await?;
+    let mut subscriber = Subscriber::start(&services.nats_url, prefix, None).await?;
     let mut client = RegistryClient::connect(format!("http://{}", server.address)).await?;
 
     // Register with a 1 s TTL and some metadata.
@@ -190,7 +92,7 @@ async fn steps(
         .into_inner();
     let id = registered.instance_id.clone();
     eprintln!("e2e: registered {id} at revision {}", registered.revision);
-    subscriber.wait_for("InstanceRegistered", &id).await?;
+    subscriber.wait_for("InstanceRegistered", &id, WAIT).await?;
 
     // A few heartbeats, then silence.
     let mut last_beat = Instant::now();
@@ -204,7 +106,9 @@ async fn steps(
         tokio::time::sleep(Duration::from_millis(TTL_MS / 2)).await;
     }
     eprintln!("e2e: stopped heartbeating");
-    let unhealthy = subscriber.wait_for("InstanceTurnedUnhealthy", &id).await?;
+    let unhealthy = subscriber
+        .wait_for("InstanceTurnedUnhealthy", &id, WAIT)
+        .await?;
     let silence = unhealthy.at.duration_since(last_beat);
     ensure!(
         silence >= Duration::from_millis(3 * TTL_MS - 50),
@@ -221,7 +125,9 @@ async fn steps(
             instance: instance_ref(&id),
         })
         .await?;
-    let healthy = subscriber.wait_for("InstanceTurnedHealthy", &id).await?;
+    let healthy = subscriber
+        .wait_for("InstanceTurnedHealthy", &id, WAIT)
+        .await?;
     ensure!(healthy.json["payload"]["generation"] == unhealthy.json["payload"]["generation"]);
     eprintln!(
         "e2e: subscriber saw InstanceTurnedHealthy (sequence {})",
@@ -428,32 +334,4 @@ fn third_party_client(address: &str) -> Result<()> {
     ensure!(health.contains("SERVING"), "health: {health}");
     eprintln!("e2e: grpcurl registered and discovered through reflection");
     Ok(())
-}
-
-async fn cleanup(services: &Services, prefix: &str, database: &str) {
-    let streams = async {
-        let client = async_nats::connect(&services.nats_url).await.ok()?;
-        let jetstream = jetstream::new(client);
-        for name in ["EVENTS", "HEARTBEATS"] {
-            let _ = jetstream
-                .delete_stream(format!("{}_{name}", prefix.to_uppercase()))
-                .await;
-        }
-        Some(())
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(5), streams).await;
-    let database = async {
-        let (client, connection) =
-            tokio_postgres::connect(&services.database_url, tokio_postgres::NoTls)
-                .await
-                .ok()?;
-        tokio::spawn(connection);
-        client
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)"
-            ))
-            .await
-            .ok()
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(5), database).await;
 }

@@ -2,8 +2,10 @@
 //!
 //! * `up`: provide NATS and PostgreSQL (see [`xtask::harness`]) and run `registryd` in the
 //!   foreground; without them, run it in embedded mode.
-//! * `ci`: formatting, clippy, every test against real NATS and PostgreSQL, then `e2e`.
+//! * `ci`: formatting, clippy, every test against real NATS and PostgreSQL, then `e2e`, then
+//!   `bench --smoke`.
 //! * `e2e`: a black-box scenario with real processes and an independent downstream subscriber.
+//! * `bench [--smoke]`: the benchmarks of issue 8 in release mode, next to etcd (see [`bench`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -12,7 +14,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use xtask::harness::Services;
 
+mod bench;
 mod e2e;
+mod process;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,10 +39,13 @@ enum Task {
         #[arg(last = true)]
         registryd_args: Vec<String>,
     },
-    /// Everything CI checks: fmt, clippy, all tests against real services, then e2e.
+    /// Everything CI checks: fmt, clippy, all tests against real services, e2e, bench --smoke.
     Ci,
     /// The black-box end-to-end scenario against real NATS, PostgreSQL and registryd.
     E2e,
+    /// Benchmarks in release mode against real NATS and PostgreSQL, next to etcd; writes
+    /// results/<time>-<mode>.json.
+    Bench(bench::Options),
 }
 
 /// The workspace root.
@@ -66,44 +73,8 @@ fn run(mut command: Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Builds registryd and returns its path.
-pub(crate) fn build_registryd() -> Result<PathBuf> {
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--quiet",
-        "-p",
-        "registry-api",
-        "--bin",
-        "registryd",
-    ]);
-    run(build, "building registryd")?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
-    Ok(target.join("debug").join("registryd"))
-}
-
-/// Creates database `name` on the server of `admin_url` unless it exists; returns its URL.
-pub(crate) async fn ensure_database(admin_url: &str, name: &str) -> Result<String> {
-    let (client, connection) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
-        .await
-        .with_context(|| format!("connecting to {admin_url}"))?;
-    tokio::spawn(connection);
-    let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
-        .await?
-        .is_some();
-    if !exists {
-        client
-            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
-            .await?;
-    }
-    xtask::harness::database_url_for(admin_url, name)
-}
-
 fn up(embedded: bool, registryd_args: Vec<String>) -> Result<()> {
-    let registryd = build_registryd()?;
+    let registryd = process::build_registryd()?;
     let services = if embedded {
         None
     } else {
@@ -124,7 +95,7 @@ fn up(embedded: bool, registryd_args: Vec<String>) -> Result<()> {
             eprintln!("{}", services.describe());
             let runtime = tokio::runtime::Runtime::new()?;
             let database_url =
-                runtime.block_on(ensure_database(&services.database_url, "registry"))?;
+                runtime.block_on(process::ensure_database(&services.database_url, "registry"))?;
             command
                 .env("NATS_URL", &services.nats_url)
                 .env("DATABASE_URL", database_url);
@@ -183,6 +154,9 @@ fn ci() -> Result<()> {
         .env("DATABASE_URL", &services.database_url);
     run(tests, "all tests against real NATS and PostgreSQL")?;
     e2e::run(&services)?;
+    drop(services);
+    // The benchmarks must keep running end to end (tiny sizes, no performance assertion).
+    bench::run(bench::Options::smoke())?;
     eprintln!("xtask: ci passed");
     Ok(())
 }
@@ -199,6 +173,7 @@ fn main() -> ExitCode {
             eprintln!("{}", services.describe());
             e2e::run(&services)
         }),
+        Task::Bench(options) => bench::run(options),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
