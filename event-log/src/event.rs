@@ -83,8 +83,10 @@ pub struct InstanceRegistered {
     /// Version of the instance's software, free text.
     #[serde(default)]
     pub version: String,
-    /// Load-balancing weight.
-    pub weight: u32,
+    /// Load-balancing weight; `None` keeps the current weight (100 for a new instance), so that
+    /// an operator's weight change survives the instance registering again.
+    #[serde(default)]
+    pub weight: Option<u32>,
     /// Instance metadata; replaces the previous metadata entirely.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
@@ -480,7 +482,7 @@ mod tests {
                 port: 8080,
                 protocol: "grpc".into(),
                 version: "1.2.3".into(),
-                weight: 100,
+                weight: Some(100),
                 metadata: BTreeMap::from([("zone".into(), "a".into())]),
                 health_check: Some(HealthCheck { ttl_ms: 5000 }),
                 ephemeral: true,

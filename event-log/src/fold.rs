@@ -4,7 +4,8 @@
 //! and the store's consistency check compares the PostgreSQL tables against it. Rules:
 //!
 //! * `InstanceRegistered` creates the instance, or updates every field of an existing (or
-//!   deleted) one; `isolate: None` keeps the current isolation (false for a new instance). A
+//!   deleted) one; `isolate: None` and `weight: None` keep the current isolation and weight
+//!   (false and [`DEFAULT_WEIGHT`] for a new instance). A
 //!   registration starts or renews the lease, so the instance is healthy from that event on.
 //! * `InstanceStatusChanged` changes the fields it carries.
 //! * `InstanceTurnedUnhealthy` / `InstanceTurnedHealthy` set `healthy` and record the transition
@@ -19,6 +20,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::Envelope;
 use crate::event::{Event, EventType, HealthCheck, Location, UnixMillis};
+
+/// Weight of an instance registered without one.
+pub const DEFAULT_WEIGHT: u32 = 100;
 
 /// The state of one instance after folding its events.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +141,10 @@ impl Fold {
                 port: registered.port,
                 protocol: registered.protocol.clone(),
                 version: registered.version.clone(),
-                weight: registered.weight,
+                weight: registered
+                    .weight
+                    .or_else(|| live_previous.map(|state| state.weight))
+                    .unwrap_or(DEFAULT_WEIGHT),
                 metadata: registered.metadata.clone(),
                 health_check: registered.health_check.clone(),
                 ephemeral: registered.ephemeral,
@@ -222,7 +229,7 @@ mod tests {
             port: 80,
             protocol: String::new(),
             version: String::new(),
-            weight: 100,
+            weight: None,
             metadata: BTreeMap::new(),
             health_check: Some(HealthCheck { ttl_ms: 1000 }),
             ephemeral: true,

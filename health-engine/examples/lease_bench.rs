@@ -124,7 +124,7 @@ fn registration(id: &str, ttl_ms: u64, at_ms: i64) -> Envelope {
             port: 8080,
             protocol: String::new(),
             version: String::new(),
-            weight: 100,
+            weight: Some(100),
             metadata: BTreeMap::new(),
             health_check: Some(HealthCheck { ttl_ms }),
             ephemeral: false,

@@ -24,7 +24,7 @@ fn registration(id: &str, at_ms: i64) -> Envelope {
             port: 80,
             protocol: String::new(),
             version: String::new(),
-            weight: 100,
+            weight: Some(100),
             metadata: BTreeMap::new(),
             health_check: Some(HealthCheck { ttl_ms: 100 }),
             ephemeral: false,

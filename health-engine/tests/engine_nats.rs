@@ -95,7 +95,7 @@ async fn register(log: &JetStreamLog, port: u16, ttl_ms: u64, ephemeral: bool) -
             port,
             protocol: "grpc".into(),
             version: String::new(),
-            weight: 100,
+            weight: Some(100),
             metadata: BTreeMap::new(),
             health_check: Some(HealthCheck { ttl_ms }),
             ephemeral,

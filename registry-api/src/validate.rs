@@ -20,8 +20,6 @@ pub const MIN_TTL_MS: u64 = 1_000;
 pub const MAX_TTL_MS: u64 = 300_000;
 /// Highest weight.
 pub const MAX_WEIGHT: u32 = 10_000;
-/// Weight when the request leaves it unset.
-pub const DEFAULT_WEIGHT: u32 = 100;
 /// Most metadata entries per instance.
 pub const MAX_METADATA_ENTRIES: usize = 64;
 /// Longest metadata key, in bytes.
@@ -52,8 +50,8 @@ pub struct Registration {
     pub protocol: String,
     /// Version.
     pub version: String,
-    /// Weight.
-    pub weight: u32,
+    /// Weight, if set (unset keeps the current weight).
+    pub weight: Option<u32>,
     /// Metadata.
     pub metadata: BTreeMap<String, String>,
     /// Lease, if health checking is on.
@@ -280,8 +278,9 @@ pub fn registration(request: &proto::RegisterInstanceRequest) -> Result<Registra
     let port = check.port("port", request.port);
     check.short_text("protocol", &request.protocol, MAX_PROTOCOL_BYTES);
     check.short_text("version", &request.version, MAX_VERSION_BYTES);
-    let weight = request.weight.unwrap_or(DEFAULT_WEIGHT);
-    check.weight("weight", weight);
+    if let Some(weight) = request.weight {
+        check.weight("weight", weight);
+    }
     check.metadata("metadata", &request.metadata);
     let health_check = request.health_check.as_ref().map(|hc| {
         if !(MIN_TTL_MS..=MAX_TTL_MS).contains(&hc.ttl_ms) {
@@ -304,7 +303,7 @@ pub fn registration(request: &proto::RegisterInstanceRequest) -> Result<Registra
         port,
         protocol: request.protocol.clone(),
         version: request.version.clone(),
-        weight,
+        weight: request.weight,
         metadata: request
             .metadata
             .iter()
@@ -430,7 +429,7 @@ mod tests {
     #[test]
     fn a_valid_registration_gets_defaults() {
         let registration = registration(&valid()).unwrap();
-        assert_eq!(registration.weight, DEFAULT_WEIGHT);
+        assert_eq!(registration.weight, None);
         assert!(registration.ephemeral);
         assert_eq!(registration.isolate, None);
         assert_eq!(registration.request_id, None);

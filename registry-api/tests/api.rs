@@ -704,3 +704,55 @@ async fn health_service_reports_serving() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weight_and_isolation_survive_re_registration() {
+    let mut api = start().await;
+    let registered = api
+        .client
+        .register_instance(registration("echo", 80))
+        .await
+        .unwrap()
+        .into_inner();
+    api.client
+        .update_instance(proto::UpdateInstanceRequest {
+            instance: by_id(&registered.instance_id),
+            weight: Some(7),
+            isolate: Some(true),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The instance restarts and registers again without saying weight or isolation.
+    api.client
+        .register_instance(registration("echo", 80))
+        .await
+        .unwrap();
+    let instance = api
+        .client
+        .get_instance(proto::GetInstanceRequest {
+            instance: by_id(&registered.instance_id),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instance
+        .unwrap();
+    assert_eq!((instance.weight, instance.isolate), (7, true));
+    // Saying them changes them.
+    let mut explicit = registration("echo", 80);
+    explicit.weight = Some(50);
+    explicit.isolate = Some(false);
+    api.client.register_instance(explicit).await.unwrap();
+    let instance = api
+        .client
+        .get_instance(proto::GetInstanceRequest {
+            instance: by_id(&registered.instance_id),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instance
+        .unwrap();
+    assert_eq!((instance.weight, instance.isolate), (50, false));
+}

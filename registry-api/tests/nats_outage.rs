@@ -33,6 +33,13 @@ async fn nats_outage_fails_fast_and_recovers() {
     })
     .await
     .unwrap();
+    // Calls already in flight when NATS dies wait for their acknowledgement at most the ack
+    // timeout; calls once the loss is known must fail at once.
+    let noticed = Instant::now() + Duration::from_secs(10);
+    while api.log.is_connected() {
+        assert!(Instant::now() < noticed, "the NATS client never noticed the server died");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let started = Instant::now();
     let status = api
         .client

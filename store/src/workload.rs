@@ -97,7 +97,7 @@ impl Workload {
             port: slot.port,
             protocol: "grpc".to_owned(),
             version: "1.0.0".to_owned(),
-            weight: 100,
+            weight: Some(100),
             metadata,
             health_check: (!ttl_ms.is_multiple_of(5000)).then_some(HealthCheck { ttl_ms }),
             ephemeral: !ttl_ms.is_multiple_of(3000),

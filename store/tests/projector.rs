@@ -109,7 +109,7 @@ async fn isolation_survives_re_registration_and_deletion_is_a_soft_delete() {
             port: 8080,
             protocol: "grpc".into(),
             version: "1".into(),
-            weight: 100,
+            weight: Some(100),
             metadata: [("zone".to_owned(), "a".to_owned())].into(),
             health_check: None,
             ephemeral: false,

@@ -31,7 +31,7 @@ fn registration(ttl_ms: Option<u64>, ephemeral: bool) -> Event {
         port: 80,
         protocol: String::new(),
         version: String::new(),
-        weight: 100,
+        weight: Some(100),
         metadata: BTreeMap::new(),
         health_check: ttl_ms.map(|ttl_ms| HealthCheck { ttl_ms }),
         ephemeral,
