@@ -58,6 +58,7 @@ impl Ctl {
 async fn registryctl_commands() {
     let api = start().await;
     let ctl = Ctl::new(&api);
+    assert_eq!(ctl.ok(&["health"]).await.trim(), "SERVING");
 
     let out = ctl
         .ok(&[

@@ -59,6 +59,20 @@ pub(crate) fn root() -> PathBuf {
 fn cargo() -> Command {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command.current_dir(root());
+    // `cargo run` gives us its package variables; passed on to a nested cargo they make build
+    // scripts (ring's among them) think their inputs changed and rebuild half the tree.
+    for (name, _) in std::env::vars() {
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || name.starts_with("CARGO_BIN_")
+            || matches!(
+                name.as_str(),
+                "OUT_DIR" | "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            command.env_remove(name);
+        }
+    }
     command
 }
 
@@ -107,7 +121,20 @@ fn up(embedded: bool, registryd_args: Vec<String>) -> Result<()> {
     command.args(registryd_args);
     // Ctrl-C reaches registryd too (same process group); it shuts down gracefully and we
     // then remove any private servers.
-    let status = command.status().context("running registryd")?;
+    // Ctrl-C reaches registryd too (same process group) and it shuts down gracefully; we must
+    // outlive it to remove any private servers, so Ctrl-C does not stop us while it runs.
+    let runtime = tokio::runtime::Runtime::new()?;
+    let status = runtime.block_on(async move {
+        let mut child = tokio::process::Command::from(command)
+            .spawn()
+            .context("running registryd")?;
+        loop {
+            tokio::select! {
+                status = child.wait() => return status.context("waiting for registryd"),
+                _ = tokio::signal::ctrl_c() => eprintln!("xtask: waiting for registryd to stop"),
+            }
+        }
+    })?;
     drop(services);
     if !status.success() {
         bail!("registryd exited with {status}");
@@ -124,6 +151,38 @@ fn has_nextest() -> bool {
         .is_ok_and(|status| status.success())
 }
 
+/// `docker-compose.yml` cannot be run here (no Docker engine), but a compose client checks it
+/// against the compose schema without one: `docker compose` (plugin) or `docker-compose`.
+fn validate_compose() -> Result<()> {
+    // (program, its compose sub-command prefix)
+    let clients: [(&str, &[&str]); 2] = [("docker", &["compose"]), ("docker-compose", &[])];
+    for (program, prefix) in clients {
+        let available = Command::new(program)
+            .args(prefix)
+            .arg("version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        if available {
+            let mut check = Command::new(program);
+            check
+                .args(prefix)
+                .args(["-f", "docker-compose.yml", "config", "-q"])
+                .current_dir(root());
+            return run(
+                check,
+                &format!("{program} config: docker-compose.yml is valid"),
+            );
+        }
+    }
+    eprintln!(
+        "xtask: SKIPPED docker-compose.yml validation: no compose client \
+         (apt-get install -y docker-compose)"
+    );
+    Ok(())
+}
+
 fn ci() -> Result<()> {
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
@@ -138,6 +197,7 @@ fn ci() -> Result<()> {
         "warnings",
     ]);
     run(clippy, "cargo clippy -D warnings")?;
+    validate_compose()?;
 
     // One set of services for the whole run: tests borrow them through NATS_URL and
     // DATABASE_URL and isolate themselves (own streams, own databases).

@@ -105,6 +105,8 @@ impl InstanceArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Exit 0 when the server reports SERVING (grpc.health.v1), 1 otherwise: for health checks.
+    Health,
     /// Namespaces with their service and instance counts.
     Namespaces,
     /// Services with total, healthy and isolated instance counts.
@@ -384,6 +386,28 @@ async fn events(
 
 async fn run(cli: Cli) -> Result<()> {
     match &cli.command {
+        Command::Health => {
+            let endpoint = if cli.server.contains("://") {
+                cli.server.clone()
+            } else {
+                format!("http://{}", cli.server)
+            };
+            let channel = Channel::from_shared(endpoint)?
+                .connect_timeout(Duration::from_secs(3))
+                .connect()
+                .await?;
+            let status = tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?
+                .into_inner()
+                .status();
+            println!("{}", status.as_str_name());
+            if status != tonic_health::pb::health_check_response::ServingStatus::Serving {
+                bail!("not serving");
+            }
+        }
         Command::Namespaces => {
             let mut client = client(&cli.server).await?;
             let namespaces = client
