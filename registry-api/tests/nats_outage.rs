@@ -37,7 +37,10 @@ async fn nats_outage_fails_fast_and_recovers() {
     // timeout; calls once the loss is known must fail at once.
     let noticed = Instant::now() + Duration::from_secs(10);
     while api.log.is_connected() {
-        assert!(Instant::now() < noticed, "the NATS client never noticed the server died");
+        assert!(
+            Instant::now() < noticed,
+            "the NATS client never noticed the server died"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let started = Instant::now();
