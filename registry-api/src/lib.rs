@@ -13,6 +13,7 @@ pub mod heartbeats;
 pub mod read_model;
 pub mod server;
 pub mod service;
+pub mod settings;
 pub mod validate;
 
 pub use error::{Error, Result};

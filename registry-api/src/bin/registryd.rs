@@ -2,96 +2,52 @@
 //!
 //! By default one process runs the gRPC API, the health engine and the PostgreSQL projector.
 //! Subcommands run each part on its own, for scaling out, and operate the projection
-//! (`projector --rebuild`, `check`). Every option can also be set by environment variable.
+//! (`projector --rebuild`, `check`). Settings are layered (defaults < file < environment <
+//! flags, see [`registry_api::settings`]) and logged at start-up with secrets masked.
 
-use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use event_log::{EventLog, JetStreamConfig, JetStreamLog, MemoryLog, Streams};
+use registry_api::settings::{self, Environment, LogFormat, Settings};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// The service registry and health-check control plane.
+///
+/// Settings come from, each overriding the one before: built-in defaults, the TOML file of
+/// `--config`, environment variables, then flags. The effective settings are logged at start-up
+/// with secrets masked.
 #[derive(Debug, Parser)]
-#[command(name = "registryd", version, about, long_about = None)]
+#[command(
+    name = "registryd",
+    version,
+    after_long_help = AFTER_HELP,
+    after_help = "More on configuration, logging and metrics: --help."
+)]
 struct Cli {
+    /// TOML configuration file; its keys are the option names with `_` (`nats_url = "..."`,
+    /// `delete_timeout = "30s"`). Environment variables and flags override it.
+    #[arg(long, env = settings::CONFIG_FILE_VARIABLE, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(flatten)]
-    options: Options,
+    settings: Settings,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
-#[derive(Debug, Clone, clap::Args)]
-struct Options {
-    /// NATS server(s) with JetStream, comma-separated.
-    #[arg(
-        long,
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        global = true
-    )]
-    nats_url: String,
-    /// PostgreSQL database of the projection (created tables: schema `registry`).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/registry",
-        global = true
-    )]
-    database_url: String,
-    /// Address of the gRPC API.
-    #[arg(
-        long,
-        env = "REGISTRY_LISTEN",
-        default_value = "127.0.0.1:50051",
-        global = true
-    )]
-    listen: SocketAddr,
-    /// Prefix of the JetStream streams and subjects (`<prefix>.evt.>`, `<PREFIX>_EVENTS`).
-    #[arg(
-        long,
-        env = "REGISTRY_STREAM_PREFIX",
-        default_value = "registry",
-        global = true
-    )]
-    stream_prefix: String,
-    /// Run without NATS and PostgreSQL: an in-memory event log and no projection. Nothing is
-    /// persisted; for trying things out.
-    #[arg(long, env = "REGISTRY_EMBEDDED", global = true)]
-    embedded: bool,
-    /// An instance turns unhealthy after this many TTLs without a heartbeat.
-    #[arg(
-        long,
-        env = "REGISTRY_UNHEALTHY_RATIO",
-        default_value_t = 3.0,
-        global = true
-    )]
-    unhealthy_ratio: f64,
-    /// An unhealthy ephemeral instance is removed this long after its unhealthy deadline.
-    #[arg(long, env = "REGISTRY_DELETE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
-    delete_timeout: Duration,
-    /// Disable self-preservation (the engine then expires leases even when a large share of
-    /// the fleet seems to die at once).
-    #[arg(long, env = "REGISTRY_NO_SELF_PRESERVATION", global = true)]
-    no_self_preservation: bool,
-    /// Directory for local state: the health engine's lease snapshot, which bounds the replay
-    /// at start-up to the history since the last snapshot. Without it every start replays the
-    /// whole events stream. The snapshot is a cache of the log, never a source of truth.
-    #[arg(long, env = "REGISTRY_DATA_DIR", global = true)]
-    data_dir: Option<std::path::PathBuf>,
-    /// Log format.
-    #[arg(long, env = "REGISTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
-    log_format: LogFormat,
-}
+const AFTER_HELP: &str = "\
+Configuration layering: defaults < file (--config) < environment < flags. Every option has a
+file key (its name with `_`) and an environment variable (shown above); an empty variable counts
+as unset.
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
+Logging: RUST_LOG sets the level and filters (default `info`, e.g.
+`RUST_LOG=info,health_engine=debug`); --log-format json prints one JSON object per line.
+
+Metrics: OpenTelemetry instruments, served in Prometheus text format at
+http://<metrics-listen>/metrics.";
 
 #[derive(Debug, Clone, Subcommand)]
 enum Command {
@@ -125,7 +81,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn connect_log(options: &Options) -> Result<Arc<dyn EventLog>> {
+async fn connect_log(options: &Settings) -> Result<Arc<dyn EventLog>> {
     let streams = Streams::new(&options.stream_prefix);
     if options.embedded {
         eprintln!(
@@ -136,25 +92,16 @@ async fn connect_log(options: &Options) -> Result<Arc<dyn EventLog>> {
     }
     let log = JetStreamLog::connect(&options.nats_url, streams, JetStreamConfig::default())
         .await
-        .with_context(|| format!("connecting to NATS at {}", options.nats_url))?;
+        .with_context(|| {
+            format!(
+                "connecting to NATS at {}",
+                settings::mask_secrets(&options.nats_url)
+            )
+        })?;
     log.ensure_streams()
         .await
         .context("creating the JetStream streams")?;
     Ok(Arc::new(log))
-}
-
-fn engine_config(options: &Options) -> health_engine::Config {
-    let mut config = health_engine::Config {
-        unhealthy_ratio: options.unhealthy_ratio,
-        delete_timeout: options.delete_timeout,
-        ..health_engine::Config::default()
-    };
-    config.self_preservation.enabled = !options.no_self_preservation;
-    config.snapshot_path = options
-        .data_dir
-        .as_ref()
-        .map(|dir| dir.join(format!("engine-{}.snapshot", options.stream_prefix)));
-    config
 }
 
 async fn shutdown_signal(shutdown: CancellationToken) {
@@ -175,9 +122,8 @@ async fn shutdown_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-async fn run(cli: Cli) -> Result<()> {
-    let options = cli.options;
-    let command = cli.command.unwrap_or(Command::All);
+async fn run(options: Settings, command: Option<Command>) -> Result<()> {
+    let command = command.unwrap_or(Command::All);
     if options.embedded && !matches!(command, Command::All | Command::Api) {
         bail!("--embedded only runs the API and the health engine in one process (`all` or `api`)");
     }
@@ -212,7 +158,12 @@ async fn run(cli: Cli) -> Result<()> {
     if run_projector {
         store::migrate(&options.database_url)
             .await
-            .with_context(|| format!("migrating {}", options.database_url))?;
+            .with_context(|| {
+                format!(
+                    "migrating {}",
+                    settings::mask_secrets(&options.database_url)
+                )
+            })?;
         let projector = store::Projector::new(store_config, Arc::clone(&log));
         let token = shutdown.clone();
         tasks.spawn(async move { ("projector", projector.run(token).await.map_err(Into::into)) });
@@ -222,7 +173,7 @@ async fn run(cli: Cli) -> Result<()> {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the data directory {}", dir.display()))?;
         }
-        let engine = health_engine::HealthEngine::new(engine_config(&options), Arc::clone(&log))?;
+        let engine = health_engine::HealthEngine::new(options.engine(), Arc::clone(&log))?;
         let token = shutdown.clone();
         tasks.spawn(async move { ("health engine", engine.run(token).await.map_err(Into::into)) });
     }
@@ -246,7 +197,7 @@ async fn run(cli: Cli) -> Result<()> {
     .into_iter()
     .filter_map(|(on, name)| on.then_some(name))
     .collect();
-    tracing::info!(parts = ?parts, nats = %options.nats_url, embedded = options.embedded, "registryd started");
+    tracing::info!(parts = ?parts, embedded = options.embedded, "registryd started");
 
     let mut failure = None;
     while let Some(joined) = tasks.join_next().await {
@@ -271,15 +222,137 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Parses the command line and merges the settings' layers.
+fn load() -> Result<(Cli, Settings)> {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    let command_line =
+        settings::command_line(&matches, &cli.settings).context("reading the command line")?;
+    let settings = Settings::load(
+        cli.config.as_deref(),
+        Environment::from_process(),
+        command_line,
+    )?;
+    Ok((cli, settings))
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    init_logging(cli.options.log_format);
-    match run(cli).await {
+    let (cli, settings) = match load() {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("registryd: {error:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    init_logging(settings.log_format);
+    settings.log(cli.config.as_deref());
+    match run(settings, cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("registryd: {error:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(arguments: &[&str]) -> (Cli, figment::value::Dict) {
+        let matches = Cli::command()
+            .try_get_matches_from(arguments)
+            .expect("arguments parse");
+        let cli = Cli::from_arg_matches(&matches).expect("matches");
+        let command_line = settings::command_line(&matches, &cli.settings).expect("flags");
+        (cli, command_line)
+    }
+
+    #[test]
+    fn only_options_typed_on_the_command_line_form_the_flag_layer() {
+        let (cli, command_line) = parse(&[
+            "registryd",
+            "--stream-prefix",
+            "typed",
+            "projector",
+            "--rebuild",
+            "--no-self-preservation",
+        ]);
+        assert!(matches!(
+            cli.command,
+            Some(Command::Projector { rebuild: true })
+        ));
+        let mut keys: Vec<&str> = command_line.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        // Whatever clap filled in from the environment or its defaults is not a flag.
+        assert_eq!(keys, ["no_self_preservation", "stream_prefix"]);
+        let loaded = Settings::load(None, Environment::default(), command_line).expect("load");
+        assert_eq!(loaded.stream_prefix, "typed");
+        assert!(loaded.no_self_preservation);
+    }
+
+    #[test]
+    fn flags_override_environment_and_file() {
+        use std::io::Write as _;
+        let mut file = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .expect("file");
+        writeln!(file, "listen = \"127.0.0.1:7001\"\ndelete_timeout = \"5s\"").expect("write");
+        let (_, command_line) = parse(&["registryd", "--listen", "127.0.0.1:7003"]);
+        let environment = Environment::from_vars([
+            ("REGISTRY_LISTEN", "127.0.0.1:7002"),
+            ("REGISTRY_DELETE_TIMEOUT", "7s"),
+        ]);
+        let loaded = Settings::load(Some(file.path()), environment, command_line).expect("load");
+        assert_eq!(loaded.listen.to_string(), "127.0.0.1:7003");
+        assert_eq!(loaded.delete_timeout, std::time::Duration::from_secs(7));
+    }
+
+    /// The defaults `--help` shows are the defaults the settings use.
+    #[test]
+    fn help_shows_the_real_defaults_and_every_variable() {
+        let command = Cli::command();
+        let defaults = figment::value::Value::serialize(Settings::default())
+            .expect("serialize")
+            .into_dict()
+            .expect("dict");
+        for (key, value) in &defaults {
+            let argument = command
+                .get_arguments()
+                .find(|argument| argument.get_id() == key.as_str())
+                .unwrap_or_else(|| panic!("no flag for {key}"));
+            let shown: Vec<String> = argument
+                .get_default_values()
+                .iter()
+                .map(|value| value.to_string_lossy().into_owned())
+                .collect();
+            let from_default = Settings::load(
+                None,
+                Environment::default(),
+                shown
+                    .first()
+                    .map(|shown| {
+                        [(key.clone(), figment::value::Value::from(shown.clone()))]
+                            .into_iter()
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            )
+            .expect("the shown default parses");
+            assert_eq!(
+                from_default,
+                Settings::default(),
+                "--{key} shows default {shown:?}, the settings use {value:?}"
+            );
+        }
+        let help = Cli::command().render_long_help().to_string();
+        for (variable, _) in settings::ENVIRONMENT {
+            assert!(help.contains(variable), "--help does not name {variable}");
+        }
+        for variable in [settings::CONFIG_FILE_VARIABLE, "RUST_LOG"] {
+            assert!(help.contains(variable), "--help does not name {variable}");
         }
     }
 }
