@@ -30,6 +30,17 @@ pub(crate) fn target_dir() -> PathBuf {
         .unwrap_or_else(|| crate::root().join("target"))
 }
 
+/// The folder of the release binaries: the one this program runs from when it is the release
+/// build (so that it finds registryd next to itself whatever the environment says), else
+/// `release/` in the target directory.
+pub(crate) fn release_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        .filter(|dir| !cfg!(debug_assertions) && dir.join("registryd").is_file())
+        .unwrap_or_else(|| target_dir().join("release"))
+}
+
 /// Builds registryd (debug profile) and returns its path.
 pub(crate) fn build_registryd() -> Result<PathBuf> {
     let mut build = crate::cargo();

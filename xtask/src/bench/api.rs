@@ -25,6 +25,21 @@ pub(crate) const NAMESPACE: &str = "bench";
 /// Largest batch the API accepts.
 pub(crate) const MAX_BATCH: usize = 1000;
 
+/// The longest any single call may take before the scenario fails (a wedged server must not
+/// hang the benchmark).
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Awaits a gRPC call at most [`CALL_TIMEOUT`].
+pub(crate) async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(Ok(response)) => Ok(response.into_inner()),
+        Ok(Err(status)) => Err(anyhow!("{status}")),
+        Err(_) => bail!("no answer within {CALL_TIMEOUT:?}"),
+    }
+}
+
 /// `connections` HTTP/2 connections to `address`, each a cheap-to-clone client.
 pub(crate) async fn connect(
     address: &str,
@@ -96,8 +111,6 @@ async fn checkpoint(database: &tokio_postgres::Client) -> Result<u64> {
 /// Registration results: the population and the report entry.
 pub(crate) struct Registered {
     pub(crate) population: Population,
-    /// Event sequence of the last registration.
-    pub(crate) last_revision: u64,
     pub(crate) json: serde_json::Value,
     pub(crate) rate: f64,
     pub(crate) lag_p99_ms: f64,
@@ -161,11 +174,9 @@ pub(crate) async fn register(
                     break;
                 }
                 let sent = Instant::now();
-                let response = client
-                    .register_instance(registration(n, services, ttl_ms))
+                let response = bounded(client.register_instance(registration(n, services, ttl_ms)))
                     .await
-                    .map_err(|status| anyhow!("registering instance {n}: {status}"))?
-                    .into_inner();
+                    .map_err(|error| anyhow!("registering instance {n}: {error}"))?;
                 let done = Instant::now();
                 latencies.push(done - sent);
                 acked.push((n, response.instance_id, response.revision, done));
@@ -224,7 +235,6 @@ pub(crate) async fn register(
     );
     let lag_p99_ms = lag["p99_ms"].as_f64().unwrap_or(f64::NAN);
     Ok(Registered {
-        last_revision,
         population: Population {
             ids: Arc::new(ids),
             services: Arc::new((0..services).map(service_name).collect()),
@@ -247,6 +257,48 @@ pub(crate) async fn register(
         lag_p99_ms,
         cpu,
     })
+}
+
+/// `count` services of one instance each, to measure what a Discover call costs apart from
+/// the instances it carries.
+pub(crate) async fn register_singles(
+    clients: &[RegistryClient<Channel>],
+    count: usize,
+) -> Result<Population> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for worker in 0..32.min(count.max(1)) {
+        let mut client = clients[worker % clients.len()].clone();
+        let next = Arc::clone(&next);
+        workers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= count {
+                    break;
+                }
+                let mut request = registration(n, 1, 300_000);
+                request.service = single_service_name(n);
+                let response = bounded(client.register_instance(request)).await?;
+                ids.push((n, response.instance_id));
+            }
+            Ok::<_, anyhow::Error>(ids)
+        }));
+    }
+    let mut ids = vec![String::new(); count];
+    for worker in workers {
+        for (n, id) in worker.await?? {
+            ids[n] = id;
+        }
+    }
+    Ok(Population {
+        ids: Arc::new(ids),
+        services: Arc::new((0..count).map(single_service_name).collect()),
+    })
+}
+
+fn single_service_name(index: usize) -> String {
+    format!("single-{index:04}")
 }
 
 /// Discover calls on random services of the population (healthy instances only, as a
@@ -444,9 +496,9 @@ pub(crate) async fn streamed_heartbeats(
                 let Some(sent) = outstanding.pop_front() else {
                     break;
                 };
-                let response = responses
-                    .message()
-                    .await?
+                let response = tokio::time::timeout(CALL_TIMEOUT, responses.message())
+                    .await
+                    .map_err(|_| anyhow!("no heartbeat answer within {CALL_TIMEOUT:?}"))??
                     .ok_or_else(|| anyhow!("the server ended the heartbeat stream"))?;
                 let done = Instant::now();
                 let count = renewed(&response, batch_size)?;

@@ -16,10 +16,7 @@ use super::procfs::{CpuUse, Processes, Scope};
 
 /// Path of a release example in the target directory.
 pub(crate) fn example(name: &str) -> PathBuf {
-    crate::process::target_dir()
-        .join("release")
-        .join("examples")
-        .join(name)
+    crate::process::release_dir().join("examples").join(name)
 }
 
 /// Runs `binary` with `args` and `env`, echoing its table indented, and returns its RESULT

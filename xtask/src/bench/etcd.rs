@@ -47,9 +47,7 @@ pub(crate) fn driver_manifest() -> PathBuf {
 
 /// The driver binary (release) in the target directory.
 pub(crate) fn driver_binary() -> PathBuf {
-    crate::process::target_dir()
-        .join("release")
-        .join("bench-etcd")
+    crate::process::release_dir().join("bench-etcd")
 }
 
 /// A private etcd, killed (and its data removed) when dropped.

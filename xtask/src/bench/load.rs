@@ -84,7 +84,16 @@ where
                 if sent >= end {
                     break;
                 }
-                let result = call(worker, iteration).await;
+                let result =
+                    match tokio::time::timeout(super::api::CALL_TIMEOUT, call(worker, iteration))
+                        .await
+                    {
+                        Ok(result) => result,
+                        Err(_) => Err(anyhow::anyhow!(
+                            "no answer within {:?}",
+                            super::api::CALL_TIMEOUT
+                        )),
+                    };
                 iteration += 1;
                 let done = Instant::now();
                 if done < begin || done > end {

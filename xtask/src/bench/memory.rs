@@ -49,7 +49,7 @@ fn envelope(n: usize) -> Envelope {
             port,
             protocol: "grpc".into(),
             version: "1.4.2".into(),
-            weight: 100_u32.into(),
+            weight: Some(100),
             metadata: BTreeMap::from([("zone".to_owned(), format!("zone-{}", n % 3))]),
             health_check: Some(HealthCheck { ttl_ms: TTL_MS }),
             ephemeral: true,
@@ -154,6 +154,42 @@ impl Setup<'_> {
         let rss = settled_rss(engine.pid()).await?;
         let _ = engine.terminate();
         Ok((rss, replayed_in))
+    }
+
+    /// `registryd api` on `prefix`: its resident set once its read model has replayed the
+    /// `expected` events.
+    async fn api_rss(&self, prefix: &str, expected: usize, label: &str) -> Result<u64> {
+        let mut api = Registryd::spawn(
+            self.binary,
+            &self.args(prefix, None, "api"),
+            Logs::File {
+                path: self.logs.join(format!("registryd-api-{label}.log")),
+                watch: vec![],
+            },
+            true,
+        )?;
+        let clients = api::connect(&api.address, 1).await?;
+        let mut client = clients[0].clone();
+        let last_service = api::service_name(expected.saturating_sub(1) % SERVICES);
+        wait_until(
+            "the read model's catch-up",
+            Duration::from_secs(300),
+            &mut api,
+            async || {
+                let response = client
+                    .discover(proto::DiscoverRequest {
+                        namespace: api::NAMESPACE.into(),
+                        service: last_service.clone(),
+                        ..Default::default()
+                    })
+                    .await;
+                Ok(response.is_ok_and(|r| r.into_inner().revision >= expected as u64))
+            },
+        )
+        .await?;
+        let rss = settled_rss(api.pid()).await?;
+        let _ = api.terminate();
+        Ok(rss)
     }
 
     /// `registryd all` on `prefix`: resident set once the read model, the engine and the
@@ -263,6 +299,7 @@ pub(crate) async fn run(setup: &Setup<'_>, counts: &[usize]) -> Result<Value> {
         log.ensure_streams().await?;
         // Baselines: the same processes on an empty stream.
         let (engine_empty, _) = setup.engine_rss(&empty_prefix, "empty").await?;
+        let api_empty = setup.api_rss(&empty_prefix, 0, "empty").await?;
         let server_empty = setup
             .server_rss(&empty_prefix, &empty_database_url, 0, "empty")
             .await?;
@@ -273,6 +310,7 @@ pub(crate) async fn run(setup: &Setup<'_>, counts: &[usize]) -> Result<Value> {
             let append_rate = append(&log, &streams, appended, count).await?;
             appended = count;
             let (engine_rss, replayed_in) = setup.engine_rss(&prefix, &count.to_string()).await?;
+            let api_rss = setup.api_rss(&prefix, count, &count.to_string()).await?;
             let server = setup
                 .server_rss(&prefix, &database_url, count, &count.to_string())
                 .await?;
@@ -284,6 +322,8 @@ pub(crate) async fn run(setup: &Setup<'_>, counts: &[usize]) -> Result<Value> {
                 "engine_rss_bytes": engine_rss,
                 "engine_bytes_per_lease": per_lease(engine_rss, engine_empty),
                 "engine_replay_seconds": replayed_in.as_secs_f64(),
+                "api_rss_bytes": api_rss,
+                "api_bytes_per_lease": per_lease(api_rss, api_empty),
                 "server_rss_bytes": server_rss,
                 "server_bytes_per_lease": per_lease(server_rss, server_empty_rss),
                 "server": server,
@@ -291,6 +331,7 @@ pub(crate) async fn run(setup: &Setup<'_>, counts: &[usize]) -> Result<Value> {
         }
         Ok::<_, anyhow::Error>(json!({
             "engine_rss_bytes_empty": engine_empty,
+            "api_rss_bytes_empty": api_empty,
             "server_rss_bytes_empty": server_empty_rss,
             "levels": levels,
         }))
