@@ -77,6 +77,8 @@ pub struct Stats {
     pub heartbeats_sequence: u64,
     /// Transitions stored by this engine.
     pub transitions_appended: u64,
+    /// The same, by kind.
+    pub transitions_by_kind: TransitionCounts,
     /// Transitions the log already had (same event id): a predecessor or a twin wrote them.
     pub transitions_deduplicated: u64,
     /// Transitions dropped because the instance changed under them (expected-sequence conflict).
@@ -85,6 +87,34 @@ pub struct Stats {
     pub append_retries: u64,
     /// Snapshots written.
     pub snapshots_written: u64,
+}
+
+/// Transitions stored by this engine, by kind (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransitionCounts {
+    /// `InstanceTurnedUnhealthy`.
+    pub turned_unhealthy: u64,
+    /// `InstanceTurnedHealthy`.
+    pub turned_healthy: u64,
+    /// `InstanceExpired`.
+    pub expired: u64,
+    /// `SelfPreservationEntered`.
+    pub self_preservation_entered: u64,
+    /// `SelfPreservationExited`.
+    pub self_preservation_exited: u64,
+}
+
+impl TransitionCounts {
+    fn count(&mut self, kind: &TransitionKind) {
+        let counter = match kind {
+            TransitionKind::TurnedUnhealthy { .. } => &mut self.turned_unhealthy,
+            TransitionKind::TurnedHealthy { .. } => &mut self.turned_healthy,
+            TransitionKind::Expired { .. } => &mut self.expired,
+            TransitionKind::SelfPreservationEntered { .. } => &mut self.self_preservation_entered,
+            TransitionKind::SelfPreservationExited { .. } => &mut self.self_preservation_exited,
+        };
+        *counter += 1;
+    }
 }
 
 /// A cheap, cloneable view of a running engine.
@@ -721,6 +751,7 @@ impl Runner {
                             self.tally.transitions_deduplicated += 1;
                         } else {
                             self.tally.transitions_appended += 1;
+                            self.tally.transitions_by_kind.count(&transition.kind);
                         }
                         log_transition(&transition, ack.sequence, ack.duplicate);
                     }

@@ -18,5 +18,5 @@ pub mod error;
 pub mod leases;
 
 pub use config::{Config, SelfPreservation};
-pub use engine::{Handle, HealthEngine, Stats};
+pub use engine::{Handle, HealthEngine, Stats, TransitionCounts};
 pub use error::{Error, Result};

@@ -144,6 +144,7 @@ impl Server {
             .with_nodelay(Some(true))
             .with_keepalive(Some(Duration::from_secs(60)));
         let result = tonic::transport::Server::builder()
+            .layer(crate::rpc::RpcLayer::new())
             .add_service(registry)
             .add_service(health_service)
             .add_optional_service(reflection_v1.ok())

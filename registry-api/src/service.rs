@@ -23,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::convert;
 use crate::error::{Error, Result};
 use crate::heartbeats::Batcher;
+use crate::metrics::ApiMetrics;
 use crate::read_model::{Change, ChangeKind, REQUEST_MSG_ID_PREFIX, ReadModel, WatchStart};
 use crate::validate::{self, Target};
 
@@ -38,6 +39,7 @@ pub struct RegistryService {
     batcher: Batcher,
     visibility_timeout: Duration,
     shutdown: CancellationToken,
+    metrics: ApiMetrics,
 }
 
 /// A boxed response stream.
@@ -59,6 +61,7 @@ impl RegistryService {
             batcher,
             visibility_timeout,
             shutdown,
+            metrics: ApiMetrics::new(),
         }
     }
 
@@ -135,23 +138,30 @@ impl RegistryService {
         let now = now_millis();
         let mut beats = Vec::with_capacity(request.instances.len());
         let mut results = Vec::with_capacity(request.instances.len());
+        let (mut not_found, mut invalid) = (0, 0);
         for (index, reference) in request.instances.iter().enumerate() {
             let field = format!("instances[{index}]");
             let result = match validate::target(&field, Some(reference)) {
-                Err(error) => proto::HeartbeatResult {
-                    status: proto::heartbeat_result::Status::Invalid.into(),
-                    message: error.to_string(),
-                    ..Default::default()
-                },
+                Err(error) => {
+                    invalid += 1;
+                    proto::HeartbeatResult {
+                        status: proto::heartbeat_result::Status::Invalid.into(),
+                        message: error.to_string(),
+                        ..Default::default()
+                    }
+                }
                 Ok(target) => {
                     let id = target.instance_id();
                     match self.model.with_instance(&id, heartbeat_interval) {
-                        None => proto::HeartbeatResult {
-                            instance_id: id,
-                            status: proto::heartbeat_result::Status::NotFound.into(),
-                            message: "instance is not registered: register it again".into(),
-                            ..Default::default()
-                        },
+                        None => {
+                            not_found += 1;
+                            proto::HeartbeatResult {
+                                instance_id: id,
+                                status: proto::heartbeat_result::Status::NotFound.into(),
+                                message: "instance is not registered: register it again".into(),
+                                ..Default::default()
+                            }
+                        }
                         Some(interval) => {
                             beats.push(Beat {
                                 instance_id: id.clone(),
@@ -169,7 +179,10 @@ impl RegistryService {
             };
             results.push(result);
         }
+        let recorded = beats.len() as u64;
+        self.metrics.heartbeats(0, not_found, invalid);
         self.batcher.record(beats).await?;
+        self.metrics.heartbeats(recorded, 0, 0);
         Ok(proto::BatchHeartbeatResponse { results })
     }
 
@@ -184,7 +197,10 @@ impl RegistryService {
         let (sender, receiver) = mpsc::channel(16);
         let model = Arc::clone(&self.model);
         let shutdown = self.shutdown.clone();
+        let watcher = self.metrics.watcher();
         tokio::spawn(async move {
+            // Counted open for as long as this task serves the stream.
+            let _watcher = watcher;
             let mut sent_through = from_revision;
             match start {
                 WatchStart::Snapshot {
@@ -368,12 +384,14 @@ impl Registry for RegistryService {
         &self,
         request: Request<proto::HeartbeatRequest>,
     ) -> std::result::Result<Response<proto::HeartbeatResponse>, Status> {
-        let target = validate::target("instance", request.get_ref().instance.as_ref())?;
+        let target = validate::target("instance", request.get_ref().instance.as_ref())
+            .inspect_err(|_| self.metrics.heartbeats(0, 0, 1))?;
         let id = target.instance_id();
         let interval = self
             .model
             .with_instance(&id, heartbeat_interval)
             .ok_or_else(|| {
+                self.metrics.heartbeats(0, 1, 0);
                 Error::NotFound(format!(
                     "instance {id} is not registered: register it again"
                 ))
@@ -385,6 +403,7 @@ impl Registry for RegistryService {
                 at_ms,
             }])
             .await?;
+        self.metrics.heartbeats(1, 0, 0);
         Ok(Response::new(proto::HeartbeatResponse {
             instance_id: id,
             heartbeat_interval_ms: interval,

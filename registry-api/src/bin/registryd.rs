@@ -11,7 +11,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use event_log::{EventLog, JetStreamConfig, JetStreamLog, MemoryLog, Streams};
-use registry_api::settings::{self, Environment, LogFormat, Settings};
+use registry_api::instrumented_log::InstrumentedLog;
+use registry_api::settings::{self, Environment, MetricsListen, Settings};
+use registry_api::telemetry::Telemetry;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -76,18 +78,6 @@ enum Command {
     Check,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 async fn connect_log(options: &Settings) -> Result<Arc<dyn EventLog>> {
     let streams = Streams::new(&options.stream_prefix);
     if options.embedded {
@@ -111,6 +101,35 @@ async fn connect_log(options: &Settings) -> Result<Arc<dyn EventLog>> {
     Ok(Arc::new(log))
 }
 
+/// Serves `/metrics` until `shutdown`. The default address is best effort (several registryd
+/// processes on one host, as in tests, cannot all have it); an address set explicitly must be
+/// free.
+async fn serve_metrics(
+    options: &Settings,
+    telemetry: &Telemetry,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let MetricsListen::At(address) = options.metrics_listen else {
+        return Ok(());
+    };
+    let endpoint =
+        match registry_api::metrics::Endpoint::bind(address, telemetry.prometheus()).await {
+            Ok(endpoint) => endpoint,
+            Err(error) if options.metrics_listen == Settings::default().metrics_listen => {
+                tracing::warn!(%address, %error,
+                    "metrics endpoint not started: the default address is taken \
+                     (set --metrics-listen to serve /metrics elsewhere)");
+                return Ok(());
+            }
+            Err(error) => {
+                return Err(error).with_context(|| format!("metrics endpoint on {address}"));
+            }
+        };
+    println!("registryd: metrics listening on {}", endpoint.local_addr()?);
+    tokio::spawn(endpoint.run(shutdown));
+    Ok(())
+}
+
 async fn shutdown_signal(shutdown: CancellationToken) {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -129,12 +148,12 @@ async fn shutdown_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-async fn run(options: Settings, command: Option<Command>) -> Result<()> {
+async fn run(options: Settings, command: Option<Command>, telemetry: &Telemetry) -> Result<()> {
     let command = command.unwrap_or(Command::All);
     if options.embedded && !matches!(command, Command::All | Command::Api) {
         bail!("--embedded only runs the API and the health engine in one process (`all` or `api`)");
     }
-    let log = connect_log(&options).await?;
+    let log: Arc<dyn EventLog> = Arc::new(InstrumentedLog::new(connect_log(&options).await?));
     let store_config = store::Config::new(&options.database_url);
     match command {
         Command::Projector { rebuild: true } => {
@@ -161,6 +180,7 @@ async fn run(options: Settings, command: Option<Command>) -> Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(shutdown_signal(shutdown.clone()));
+    serve_metrics(&options, telemetry, shutdown.clone()).await?;
     let mut tasks: JoinSet<(&'static str, Result<()>)> = JoinSet::new();
     if run_projector {
         store::migrate(&options.database_url)
@@ -172,6 +192,7 @@ async fn run(options: Settings, command: Option<Command>) -> Result<()> {
                 )
             })?;
         let projector = store::Projector::new(store_config, Arc::clone(&log));
+        registry_api::metrics::observe_projector(projector.handle());
         let token = shutdown.clone();
         tasks.spawn(async move { ("projector", projector.run(token).await.map_err(Into::into)) });
     }
@@ -181,6 +202,7 @@ async fn run(options: Settings, command: Option<Command>) -> Result<()> {
                 .with_context(|| format!("creating the data directory {}", dir.display()))?;
         }
         let engine = health_engine::HealthEngine::new(options.engine(), Arc::clone(&log))?;
+        registry_api::metrics::observe_engine(engine.handle());
         let token = shutdown.clone();
         tasks.spawn(async move { ("health engine", engine.run(token).await.map_err(Into::into)) });
     }
@@ -252,9 +274,17 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    init_logging(settings.log_format);
+    let telemetry = match registry_api::telemetry::init(settings.log_format) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("registryd: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     settings.log(cli.config.as_deref());
-    match run(settings, cli.command).await {
+    let result = run(settings, cli.command, &telemetry).await;
+    telemetry.shutdown().await;
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("registryd: {error:#}");
