@@ -56,7 +56,7 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument as _, debug, error, info, warn};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -481,6 +481,15 @@ impl Runner {
     // ----- applying records ---------------------------------------------------------------------
 
     fn apply_event(&mut self, record: &Record) -> Result<Option<Envelope>> {
+        let span = tracing::info_span!(
+            "health_engine.apply",
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.message.sequence = record.sequence,
+            event.type = record.header(event_log::headers::EVENT_TYPE).unwrap_or(""),
+        );
+        crate::trace_context::follow(&span, record);
+        let _entered = span.enter();
         // Echoes of our own appends are most of what we read back while transitions fire:
         // recognise them by subject and sequence instead of decoding them.
         if let Some((_, _, instance_id)) = self.streams.parse_instance_subject(&record.subject)
@@ -501,6 +510,13 @@ impl Runner {
     }
 
     fn apply_heartbeat(&mut self, record: &Record) -> Result<()> {
+        // Batches of many callers' beats belong to no one trace; debug level keeps them out of
+        // exported traces by default.
+        let _entered = tracing::debug_span!(
+            "health_engine.heartbeats",
+            messaging.message.sequence = record.sequence
+        )
+        .entered();
         let envelope = record.decode().map_err(|source| Error::Undecodable {
             stream: StreamKind::Heartbeats,
             sequence: record.sequence,
@@ -690,37 +706,46 @@ impl Runner {
             if decided.is_empty() {
                 return Ok(());
             }
-            // Wave n holds the n-th transition of each subject: a subject's second transition
-            // must expect the sequence its first one got.
-            let mut waves: Vec<Vec<Transition>> = Vec::new();
-            let mut per_subject: HashMap<SubjectKey, usize> = HashMap::new();
-            for transition in decided {
-                let position = per_subject.entry(transition.subject_key()).or_insert(0);
-                if waves.len() <= *position {
-                    waves.push(Vec::new());
-                }
-                waves[*position].push(transition);
-                *position += 1;
-            }
-            let mut dropped: HashSet<SubjectKey> = HashSet::new();
-            let mut stored: HashMap<SubjectKey, u64> = HashMap::new();
-            for wave in waves {
-                let pending = wave
-                    .into_iter()
-                    .filter(|t| !dropped.contains(&t.subject_key()))
-                    .map(|mut t| {
-                        if let Some(sequence) = stored.get(&t.subject_key()) {
-                            t.set_after_sequence(*sequence);
-                        }
-                        t
-                    })
-                    .collect();
-                if !self.append_wave(pending, &mut dropped, &mut stored).await? {
-                    self.interrupted = true;
-                    return Ok(());
-                }
+            let span = tracing::info_span!("health_engine.transitions", count = decided.len());
+            if !self.append_decided(decided).instrument(span).await? {
+                self.interrupted = true;
+                return Ok(());
             }
         }
+    }
+
+    /// Appends one round of decisions, in waves. `false` when shut down meanwhile.
+    async fn append_decided(&mut self, decided: Vec<Transition>) -> Result<bool> {
+        // Wave n holds the n-th transition of each subject: a subject's second transition
+        // must expect the sequence its first one got.
+        let mut waves: Vec<Vec<Transition>> = Vec::new();
+        let mut per_subject: HashMap<SubjectKey, usize> = HashMap::new();
+        for transition in decided {
+            let position = per_subject.entry(transition.subject_key()).or_insert(0);
+            if waves.len() <= *position {
+                waves.push(Vec::new());
+            }
+            waves[*position].push(transition);
+            *position += 1;
+        }
+        let mut dropped: HashSet<SubjectKey> = HashSet::new();
+        let mut stored: HashMap<SubjectKey, u64> = HashMap::new();
+        for wave in waves {
+            let pending = wave
+                .into_iter()
+                .filter(|t| !dropped.contains(&t.subject_key()))
+                .map(|mut t| {
+                    if let Some(sequence) = stored.get(&t.subject_key()) {
+                        t.set_after_sequence(*sequence);
+                    }
+                    t
+                })
+                .collect();
+            if !self.append_wave(pending, &mut dropped, &mut stored).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// Appends one wave until every transition is stored or dropped. `false` on shutdown.

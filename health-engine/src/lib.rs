@@ -9,6 +9,8 @@
 //!   [`event_log::EventLog`] into the core, wakes it precisely when its next timer is due, and
 //!   appends the transitions it decides (pipelined, retried, deduplicated by deterministic event
 //!   ids and guarded by expected subject sequences). [`Handle`] exposes its counts for metrics.
+//!   Each event it applies gets a span that joins the trace the event's headers carry; each
+//!   group of transitions it appends gets one.
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +18,7 @@ mod config;
 mod engine;
 pub mod error;
 pub mod leases;
+mod trace_context;
 
 pub use config::{Config, SelfPreservation};
 pub use engine::{Handle, HealthEngine, Stats, TransitionCounts};

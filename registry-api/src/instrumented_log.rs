@@ -1,5 +1,8 @@
 //! An [`EventLog`] decorator that measures appends (`registry.event_log.append.duration`, by
-//! stream and outcome) for every component of a `registryd` process.
+//! stream and outcome) for every component of a `registryd` process, and traces appends to the
+//! events stream: an `append` span, child of the caller's, whose W3C trace context goes into
+//! the message headers so that every consumer's handling joins the caller's trace. Heartbeat
+//! batches (many callers' beats) get no span and no context.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,6 +11,7 @@ use async_trait::async_trait;
 use event_log::{Ack, Append, DurableConsumer, EventLog, RecordStream, StreamKind, Streams};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Histogram;
+use tracing::Instrument as _;
 
 use crate::metrics;
 
@@ -43,6 +47,22 @@ impl InstrumentedLog {
     }
 }
 
+/// The span of an append to the events stream (disabled for heartbeats or when spans are not
+/// collected).
+fn append_span(stream: StreamKind, subject: &str, messages: usize) -> tracing::Span {
+    if stream != StreamKind::Events {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "append",
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "publish",
+        messaging.destination.name = subject,
+        messaging.batch.message_count = messages,
+    )
+}
+
 fn stream_name(stream: StreamKind) -> &'static str {
     match stream {
         StreamKind::Events => "events",
@@ -60,9 +80,11 @@ impl EventLog for InstrumentedLog {
         self.inner.ensure_streams().await
     }
 
-    async fn append(&self, stream: StreamKind, append: Append) -> event_log::Result<Ack> {
+    async fn append(&self, stream: StreamKind, mut append: Append) -> event_log::Result<Ack> {
         let started = Instant::now();
-        let result = self.inner.append(stream, append).await;
+        let span = append_span(stream, &append.subject, 1);
+        crate::telemetry::inject(&span, &mut append.headers);
+        let result = self.inner.append(stream, append).instrument(span).await;
         self.record(stream, started, result.is_ok(), 1);
         result
     }
@@ -70,10 +92,19 @@ impl EventLog for InstrumentedLog {
     async fn append_many(
         &self,
         stream: StreamKind,
-        appends: Vec<Append>,
+        mut appends: Vec<Append>,
     ) -> Vec<event_log::Result<Ack>> {
         let started = Instant::now();
-        let results = self.inner.append_many(stream, appends).await;
+        let subject = appends.first().map_or("", |append| append.subject.as_str());
+        let span = append_span(stream, subject, appends.len());
+        for append in &mut appends {
+            crate::telemetry::inject(&span, &mut append.headers);
+        }
+        let results = self
+            .inner
+            .append_many(stream, appends)
+            .instrument(span)
+            .await;
         let ok = results.iter().filter(|result| result.is_ok()).count();
         self.record(stream, started, true, ok);
         self.record(stream, started, false, results.len() - ok);

@@ -190,6 +190,15 @@ impl ReadModel {
 
     /// Applies one record of the events stream. Records must come in stream order.
     pub fn apply(&self, record: &Record) {
+        let span = tracing::info_span!(
+            "read_model.apply",
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.message.sequence = record.sequence,
+            event.type = record.header(event_log::headers::EVENT_TYPE).unwrap_or(""),
+        );
+        crate::telemetry::follow(&span, record);
+        let _entered = span.enter();
         let mut guard = self.write();
         let state = &mut *guard;
         match record.decode() {

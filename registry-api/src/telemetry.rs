@@ -4,14 +4,26 @@
 //!   (default `info`). Spans never reach the log lines: they cost nothing unless exported.
 //! * **Metrics**: the global OpenTelemetry meter provider, read by a Prometheus exporter into a
 //!   registry that [`crate::metrics::Endpoint`] serves.
-//! * **Spans**: [`rpc_span`] for every gRPC call; consumers of the event log make their own (see
-//!   `health-engine`, `store` and [`crate::read_model`]).
+//! * **Spans**: only when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set and
+//!   `OTEL_TRACES_EXPORTER` is not `none`: then spans of the registry's crates (level INFO) go
+//!   to an OTLP/gRPC collector through a batch processor, and the W3C TraceContext propagator
+//!   is installed. [`rpc_span`] continues a caller's `traceparent`; appends carry the context in
+//!   their NATS headers ([`inject`], used by [`crate::instrumented_log`]); consumers continue it
+//!   ([`follow`] here for the read model; `health-engine` and `store` have the same). Without
+//!   the variables no exporter, no propagator and no span exists: `info_span!` returns a
+//!   disabled span and nothing is parsed or allocated.
 
+use event_log::Record;
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::Layer as _;
-use tracing_subscriber::filter::{EnvFilter, FilterExt as _, filter_fn};
+use tracing_subscriber::filter::{EnvFilter, FilterExt as _, LevelFilter, Targets, filter_fn};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -30,6 +42,9 @@ pub enum Error {
     /// A global subscriber was already installed (telemetry initialised twice).
     #[error("logging: {0}")]
     Logging(String),
+    /// The OTLP exporter could not be built (e.g. an invalid endpoint).
+    #[error("tracing: {0}")]
+    Tracing(String),
 }
 
 /// The running pipelines; [`Telemetry::shutdown`] flushes them.
@@ -37,6 +52,44 @@ pub enum Error {
 pub struct Telemetry {
     prometheus: prometheus::Registry,
     meters: SdkMeterProvider,
+    tracer: Option<SdkTracerProvider>,
+}
+
+/// The crates whose spans are exported.
+const TRACED_CRATES: &[&str] = &[
+    "registry_api",
+    "registryd",
+    "health_engine",
+    "store",
+    "event_log",
+];
+
+fn variable(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .map(|value| value.trim().to_owned())
+        .filter(|value| !value.is_empty())
+}
+
+/// Whether the standard variables ask for span export.
+pub fn tracing_requested() -> bool {
+    let endpoint = variable("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        .or_else(|| variable("OTEL_EXPORTER_OTLP_ENDPOINT"))
+        .is_some();
+    let disabled = variable("OTEL_TRACES_EXPORTER").is_some_and(|exporter| exporter == "none");
+    endpoint && !disabled
+}
+
+/// The OTLP/gRPC span pipeline (endpoint, headers, timeout, sampler from the variables).
+fn tracer_provider(resource: Resource) -> Result<SdkTracerProvider, Error> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()
+        .map_err(|error| Error::Tracing(error.to_string()))?;
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
 }
 
 /// The resource describing this process: the standard variables, else service name
@@ -57,6 +110,11 @@ fn resource() -> Resource {
 /// the Tokio runtime.
 pub fn init(format: LogFormat) -> Result<Telemetry, Error> {
     let resource = resource();
+    let tracer = if tracing_requested() {
+        Some(tracer_provider(resource.clone())?)
+    } else {
+        None
+    };
     let prometheus = prometheus::Registry::new();
     let exporter = opentelemetry_prometheus::exporter()
         .with_registry(prometheus.clone())
@@ -75,11 +133,29 @@ pub fn init(format: LogFormat) -> Result<Telemetry, Error> {
         LogFormat::Text => lines.boxed(),
         LogFormat::Json => lines.json().boxed(),
     };
+    let spans = tracer.as_ref().map(|provider| {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        let targets = TRACED_CRATES.iter().fold(Targets::new(), |targets, name| {
+            targets.with_target(*name, LevelFilter::INFO)
+        });
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("registryd"))
+            .with_filter(targets)
+    });
     tracing_subscriber::registry()
         .with(lines.with_filter(levels.and(only_events)))
+        .with(spans)
         .try_init()
         .map_err(|error| Error::Logging(error.to_string()))?;
-    Ok(Telemetry { prometheus, meters })
+    if tracer.is_some() {
+        tracing::info!("exporting spans over OTLP/gRPC");
+    }
+    Ok(Telemetry {
+        prometheus,
+        meters,
+        tracer,
+    })
 }
 
 impl Telemetry {
@@ -90,18 +166,29 @@ impl Telemetry {
 
     /// Flushes and stops the pipelines. Their shutdown blocks, so it runs on a blocking thread.
     pub async fn shutdown(self) {
-        let meters = self.meters;
-        let stopped = tokio::task::spawn_blocking(move || meters.shutdown()).await;
-        if let Ok(Err(error)) = stopped {
-            tracing::debug!(%error, "metrics pipeline shutdown");
+        let (meters, tracer) = (self.meters, self.tracer);
+        let stopped = tokio::task::spawn_blocking(move || {
+            // Spans still open are exported when they end: by now every component has stopped.
+            let traces = tracer.map(|tracer| tracer.shutdown());
+            (meters.shutdown(), traces)
+        })
+        .await;
+        if let Ok((metrics, traces)) = stopped {
+            if let Err(error) = metrics {
+                tracing::debug!(%error, "metrics pipeline shutdown");
+            }
+            if let Some(Err(error)) = traces {
+                tracing::warn!(%error, "span export at shutdown failed");
+            }
         }
     }
 }
 
-/// The span of one gRPC call (disabled, hence free, unless spans are collected).
-pub fn rpc_span(method: &'static str, _headers: &http::HeaderMap) -> Span {
+/// The span of one gRPC call (disabled, hence free, unless spans are collected), a child of the
+/// caller's span when the request carries a valid `traceparent`.
+pub fn rpc_span(method: &'static str, headers: &http::HeaderMap) -> Span {
     let (service, name) = method.split_once('/').unwrap_or(("", method));
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "rpc",
         otel.name = method,
         otel.kind = "server",
@@ -110,5 +197,76 @@ pub fn rpc_span(method: &'static str, _headers: &http::HeaderMap) -> Span {
         rpc.service = service,
         rpc.method = name,
         rpc.grpc.status_code = tracing::field::Empty,
-    )
+    );
+    if !span.is_disabled() && headers.contains_key("traceparent") {
+        let context = opentelemetry::global::get_text_map_propagator(|propagator| {
+            propagator.extract(&HttpHeaders(headers))
+        });
+        if context.span().span_context().is_valid() {
+            let _ = span.set_parent(context);
+        }
+    }
+    span
+}
+
+struct HttpHeaders<'a>(&'a http::HeaderMap);
+
+impl Extractor for HttpHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+struct RecordHeaders<'a>(&'a Record);
+
+impl Extractor for RecordHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.header(key)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .headers
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect()
+    }
+}
+
+struct AppendHeaders<'a>(&'a mut Vec<(String, String)>);
+
+impl Injector for AppendHeaders<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.retain(|(name, _)| !name.eq_ignore_ascii_case(key));
+        self.0.push((key.to_owned(), value));
+    }
+}
+
+/// Writes `span`'s W3C trace context into an append's headers (nothing for a disabled span).
+pub fn inject(span: &Span, headers: &mut Vec<(String, String)>) {
+    if span.is_disabled() {
+        return;
+    }
+    let context = span.context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut AppendHeaders(headers));
+    });
+}
+
+/// Makes `span` a child of the context `record` carries, if any (a missing or malformed
+/// `traceparent` changes nothing).
+pub fn follow(span: &Span, record: &Record) {
+    if span.is_disabled() || record.header(event_log::headers::TRACEPARENT).is_none() {
+        return;
+    }
+    let context = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&RecordHeaders(record))
+    });
+    if context.span().span_context().is_valid() {
+        let _ = span.set_parent(context);
+    }
 }

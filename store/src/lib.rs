@@ -10,7 +10,8 @@
 //!   applies events in stream order, in batches, one transaction per batch with the checkpoint
 //!   in it, through the canonical [`event_log::fold::Fold`], exactly once across crashes and
 //!   outages (the [`projector`] module documents how, and the choices on heartbeats and
-//!   undecodable events);
+//!   undecodable events); each event it applies gets a span in the trace its
+//!   headers carry (W3C trace context), open until its batch commits;
 //! * **rebuild** ([`rebuild()`]): the whole stream into fresh tables, swapped in atomically;
 //! * the **consistency check** ([`check()`]): an independent fold of the stream compared with the
 //!   tables, listing every difference.
@@ -27,6 +28,7 @@ pub mod rebuild;
 mod replay;
 mod rows;
 mod schema;
+mod trace_context;
 mod writer;
 
 #[cfg(feature = "test-util")]

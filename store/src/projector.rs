@@ -570,6 +570,28 @@ impl<'a> Run<'a> {
     /// Applies delivered records: drops those already applied, repairs a gap before them, and
     /// stops at an undecodable one after applying everything before it.
     async fn project(&mut self, writer: &mut Writer, records: Vec<Record>) -> Result<()> {
+        // One span per event, in the trace its headers carry, open until its batch is
+        // committed (when nothing collects spans, none is made).
+        let _spans: Vec<tracing::Span> = if tracing::span_enabled!(tracing::Level::INFO) {
+            let batch = records.len();
+            records
+                .iter()
+                .map(|record| {
+                    let span = tracing::info_span!(
+                        "store.project",
+                        otel.kind = "consumer",
+                        messaging.system = "nats",
+                        messaging.message.sequence = record.sequence,
+                        event.type = record.header(event_log::headers::EVENT_TYPE).unwrap_or(""),
+                        batch,
+                    );
+                    crate::trace_context::follow(&span, record);
+                    span
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let (mut decoded, undecodable) = writer::decode(records);
         let undecodable_at = match &undecodable {
             Some(Error::Undecodable { sequence, .. }) => Some(*sequence),

@@ -34,7 +34,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     name = "registryd",
     version,
     after_long_help = AFTER_HELP,
-    after_help = "More on configuration, logging and metrics: --help."
+    after_help = "More on configuration, logging, metrics and tracing: --help."
 )]
 struct Cli {
     /// TOML configuration file; its keys are the option names with `_` (`nats_url = "..."`,
@@ -56,7 +56,14 @@ Logging: RUST_LOG sets the level and filters (default `info`, e.g.
 `RUST_LOG=info,health_engine=debug`); --log-format json prints one JSON object per line.
 
 Metrics: OpenTelemetry instruments, served in Prometheus text format at
-http://<metrics-listen>/metrics.";
+http://<metrics-listen>/metrics.
+
+Tracing (OpenTelemetry, W3C trace context carried in gRPC and NATS headers) is off, at no cost,
+unless OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) names an OTLP/gRPC
+collector, e.g. http://127.0.0.1:4317. The other standard variables apply: OTEL_SERVICE_NAME
+(default registryd), OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG,
+OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_TIMEOUT, OTEL_BSP_SCHEDULE_DELAY;
+OTEL_TRACES_EXPORTER=none turns export off.";
 
 #[derive(Debug, Clone, Subcommand)]
 enum Command {
