@@ -346,6 +346,8 @@ impl Registry for RegistryService {
             .await
             .map_err(Error::from)?;
         self.visible(ack.sequence).await;
+        tracing::debug!(instance_id = %id, sequence = ack.sequence, duplicate = ack.duplicate,
+            "instance registered");
         Ok(Response::new(proto::RegisterInstanceResponse {
             instance_id: id,
             revision: ack.sequence,
@@ -374,6 +376,7 @@ impl Registry for RegistryService {
                 Event::InstanceDeregistered(InstanceDeregistered {})
             })
             .await?;
+        tracing::debug!(instance_id = %id, sequence = revision, "instance deregistered");
         Ok(Response::new(proto::DeregisterInstanceResponse {
             instance_id: id,
             revision,
