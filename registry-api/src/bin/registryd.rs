@@ -260,7 +260,22 @@ async fn run(options: Settings, command: Option<Command>, telemetry: &Telemetry)
 
 /// Parses the command line and merges the settings' layers.
 fn load() -> Result<(Cli, Settings)> {
-    let matches = Cli::command().get_matches();
+    let matches = Cli::command().try_get_matches().unwrap_or_else(|error| {
+        // clap reads the variables too (so that --help shows them) and rejects a bad value
+        // naming only the flag; the environment layer's own error names the variable.
+        if matches!(
+            error.kind(),
+            clap::error::ErrorKind::InvalidValue | clap::error::ErrorKind::ValueValidation
+        ) && let Err(invalid) = Settings::load(
+            None,
+            Environment::from_process(),
+            figment::value::Dict::new(),
+        ) {
+            eprintln!("registryd: {invalid}");
+            std::process::exit(2);
+        }
+        error.exit()
+    });
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
     let command_line =
         settings::command_line(&matches, &cli.settings).context("reading the command line")?;
