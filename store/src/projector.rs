@@ -16,7 +16,7 @@
 //!   projector with [`Error::Gap`];
 //! * the checkpoint row is locked at the start of every batch and compared with what the
 //!   projector believes, so that a rebuild swapping tables in, or a second writer, is noticed
-//!   before anything is written ([`crate::rebuild`]).
+//!   before anything is written ([`crate::rebuild()`]).
 //!
 //! Within a batch, the canonical fold ignores sequences at or below an instance's revision, so
 //! applying an event twice is harmless even without the checkpoint.
