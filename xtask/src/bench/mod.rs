@@ -495,38 +495,14 @@ async fn bench(options: Options) -> Result<()> {
     };
     let server_processes = bench.processes.pids();
 
-    if wants(&bench.options, Scenario::Components) {
-        eprintln!("bench: component benchmarks (lease_bench, projector_bench)");
-        components_scenarios(&mut bench).await;
-    }
-    let api_scenarios = [
-        Scenario::Registration,
-        Scenario::Discovery,
-        Scenario::Unary,
-        Scenario::Batched,
-        Scenario::Watch,
-    ];
-    let mut unary = Vec::new();
-    if api_scenarios.iter().any(|s| wants(&bench.options, *s)) {
-        match api_group(&mut bench).await {
-            Ok(results) => unary = results,
-            Err(error) => bench.report.failed("api", &error),
-        }
-    }
-    if wants(&bench.options, Scenario::Etcd)
-        && let Err(error) = etcd_group(&mut bench, &unary).await
-    {
-        bench.report.failed("etcd", &error);
-    }
-    if wants(&bench.options, Scenario::Detection)
-        && let Err(error) = detection_group(&mut bench).await
-    {
-        bench.report.failed("detection", &error);
-    }
-    if wants(&bench.options, Scenario::Memory)
-        && let Err(error) = memory_group(&mut bench).await
-    {
-        bench.report.failed("memory", &error);
+    // Ctrl-C stops the scenario in progress; dropping it stops its processes, and returning
+    // stops the private servers.
+    let interrupted = tokio::select! {
+        () = scenarios(&mut bench) => false,
+        _ = tokio::signal::ctrl_c() => true,
+    };
+    if interrupted {
+        bail!("interrupted: the private servers and processes of the run are stopped");
     }
 
     let finished_at = machine::now_rfc3339();
@@ -590,6 +566,43 @@ async fn bench(options: Options) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Every selected scenario, in order; failures are recorded in the report.
+async fn scenarios(bench: &mut Bench) {
+    if wants(&bench.options, Scenario::Components) {
+        eprintln!("bench: component benchmarks (lease_bench, projector_bench)");
+        components_scenarios(bench).await;
+    }
+    let api_scenarios = [
+        Scenario::Registration,
+        Scenario::Discovery,
+        Scenario::Unary,
+        Scenario::Batched,
+        Scenario::Watch,
+    ];
+    let mut unary = Vec::new();
+    if api_scenarios.iter().any(|s| wants(&bench.options, *s)) {
+        match api_group(bench).await {
+            Ok(results) => unary = results,
+            Err(error) => bench.report.failed("api", &error),
+        }
+    }
+    if wants(&bench.options, Scenario::Etcd)
+        && let Err(error) = etcd_group(bench, &unary).await
+    {
+        bench.report.failed("etcd", &error);
+    }
+    if wants(&bench.options, Scenario::Detection)
+        && let Err(error) = detection_group(bench).await
+    {
+        bench.report.failed("detection", &error);
+    }
+    if wants(&bench.options, Scenario::Memory)
+        && let Err(error) = memory_group(bench).await
+    {
+        bench.report.failed("memory", &error);
+    }
 }
 
 fn print_table(bench: &Bench, document: &Value) {
