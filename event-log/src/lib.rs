@@ -27,6 +27,7 @@ mod jetstream;
 mod log;
 mod memory;
 pub mod subject;
+pub mod trace_context;
 
 #[cfg(feature = "test-util")]
 pub mod conformance;

@@ -488,7 +488,7 @@ impl Runner {
             messaging.message.sequence = record.sequence,
             event.type = record.header(event_log::headers::EVENT_TYPE).unwrap_or(""),
         );
-        crate::trace_context::follow(&span, record);
+        event_log::trace_context::follow(&span, record);
         let _entered = span.enter();
         // Echoes of our own appends are most of what we read back while transitions fire:
         // recognise them by subject and sequence instead of decoding them.

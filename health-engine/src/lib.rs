@@ -18,7 +18,6 @@ mod config;
 mod engine;
 pub mod error;
 pub mod leases;
-mod trace_context;
 
 pub use config::{Config, SelfPreservation};
 pub use engine::{Handle, HealthEngine, Stats, TransitionCounts};

@@ -28,7 +28,6 @@ pub mod rebuild;
 mod replay;
 mod rows;
 mod schema;
-mod trace_context;
 mod writer;
 
 #[cfg(feature = "test-util")]

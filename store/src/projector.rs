@@ -585,7 +585,7 @@ impl<'a> Run<'a> {
                         event.type = record.header(event_log::headers::EVENT_TYPE).unwrap_or(""),
                         batch,
                     );
-                    crate::trace_context::follow(&span, record);
+                    event_log::trace_context::follow(&span, record);
                     span
                 })
                 .collect()
