@@ -219,6 +219,39 @@ pub async fn append_many_keeps_order(log: &dyn EventLog) {
     assert_eq!(&next(&mut records).await.payload[..], b"m49");
 }
 
+/// Batches larger than the publisher's in-flight limit, several at once, all complete in order
+/// (one batch of more than the client's 5,000 pending acknowledgements used to stall every
+/// writer forever).
+pub async fn large_concurrent_batches_complete(log: &dyn EventLog) {
+    let batch = |name: &str, count: usize| {
+        (0..count)
+            .map(|n| Append::new(subject(log, name, "i"), format!("{name}{n}")))
+            .collect::<Vec<_>>()
+    };
+    let (large, a, b, c) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(
+            log.append_many(StreamKind::Events, batch("large", 12_000)),
+            log.append_many(StreamKind::Events, batch("a", 3_000)),
+            log.append_many(StreamKind::Events, batch("b", 3_000)),
+            log.append_many(StreamKind::Events, batch("c", 3_000)),
+        )
+    })
+    .await
+    .expect("the batches complete instead of stalling");
+    for (results, count) in [(large, 12_000), (a, 3_000), (b, 3_000), (c, 3_000)] {
+        assert_eq!(results.len(), count);
+        let sequences = results
+            .into_iter()
+            .map(|r| r.expect("appended").sequence)
+            .collect::<Vec<_>>();
+        assert!(
+            sequences.windows(2).all(|pair| pair[0] < pair[1]),
+            "one batch's appends are stored in its order"
+        );
+    }
+    assert_eq!(log.last_sequence(StreamKind::Events).await.unwrap(), 21_000);
+}
+
 async fn fetch_n(consumer: &mut dyn crate::DurableConsumer, count: usize) -> Vec<u64> {
     let mut sequences = Vec::new();
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -297,6 +330,7 @@ macro_rules! conformance_suite {
             replay_filters_by_subject,
             headers_round_trip,
             append_many_keeps_order,
+            large_concurrent_batches_complete,
             durable_consumers_resume_after_ack,
             foreign_subjects_are_refused
         );

@@ -1,6 +1,7 @@
 //! The JetStream implementation of [`EventLog`].
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -40,11 +41,23 @@ impl Default for JetStreamConfig {
     }
 }
 
+/// How many publishes may await their acknowledgement at once, over all callers. The client
+/// holds a permit per unacknowledged publish and blocks the next publish when none is left.
+const MAX_ACKS_IN_FLIGHT: usize = 4096;
+
+/// How many publishes one `append_many` sends before awaiting their acknowledgements.
+const ACK_WINDOW: usize = 1024;
+
 /// [`EventLog`] on NATS JetStream. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct JetStreamLog {
     client: async_nats::Client,
     context: jetstream::Context,
+    /// Our count of the client's ack permits. A window takes all of its permits at once before
+    /// it sends anything, so no caller ever waits for a permit while holding unawaited
+    /// publishes: otherwise callers holding some permits each and waiting for more could
+    /// starve each other forever (a single batch larger than the client's limit did).
+    acks_in_flight: Arc<tokio::sync::Semaphore>,
     streams: Streams,
     config: JetStreamConfig,
 }
@@ -79,10 +92,12 @@ impl JetStreamLog {
     ) -> Self {
         let context = jetstream::ContextBuilder::new()
             .timeout(config.ack_timeout)
+            .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
             .build(client.clone());
         JetStreamLog {
             client,
             context,
+            acks_in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_ACKS_IN_FLIGHT)),
             streams,
             config,
         }
@@ -264,31 +279,43 @@ impl EventLog for JetStreamLog {
                 .map(|_| Err(unavailable("not connected to NATS")))
                 .collect();
         }
-        // Publish everything first, then await the acknowledgements together: one round trip
-        // for the batch instead of one per message.
-        let mut pending = Vec::with_capacity(appends.len());
-        for append in appends {
-            let subject_and_expected = (
-                append.subject.clone(),
-                append.expected_last_subject_sequence,
-            );
-            let (subject, message) = JetStreamLog::publish_message(append);
-            let sent = self.context.send_publish(subject, message).await;
-            pending.push((subject_and_expected, sent));
-        }
-        let mut results = Vec::with_capacity(pending.len());
-        for ((subject, expected), sent) in pending {
-            let result = match sent {
-                Err(error) => Err(JetStreamLog::map_publish_error(error, &subject, expected)),
-                Ok(ack_future) => match ack_future.await {
-                    Ok(ack) => Ok(Ack {
-                        sequence: ack.sequence,
-                        duplicate: ack.duplicate,
-                    }),
-                    Err(error) => Err(JetStreamLog::map_publish_error(error, &subject, expected)),
-                },
+        // Publish a window, then await its acknowledgements together: one round trip per
+        // window instead of one per message, in order.
+        let mut results = Vec::with_capacity(appends.len());
+        let mut appends = appends.into_iter().peekable();
+        while appends.peek().is_some() {
+            let window: Vec<Append> = appends.by_ref().take(ACK_WINDOW).collect();
+            let permits = u32::try_from(window.len()).unwrap_or(u32::MAX);
+            let Ok(_permits) = self.acks_in_flight.acquire_many(permits).await else {
+                // The semaphore is never closed; answer rather than panic if it were.
+                results.extend(window.iter().map(|_| Err(unavailable("publisher closed"))));
+                continue;
             };
-            results.push(result);
+            let mut pending = Vec::with_capacity(window.len());
+            for append in window {
+                let subject_and_expected = (
+                    append.subject.clone(),
+                    append.expected_last_subject_sequence,
+                );
+                let (subject, message) = JetStreamLog::publish_message(append);
+                let sent = self.context.send_publish(subject, message).await;
+                pending.push((subject_and_expected, sent));
+            }
+            for ((subject, expected), sent) in pending {
+                let result = match sent {
+                    Err(error) => Err(JetStreamLog::map_publish_error(error, &subject, expected)),
+                    Ok(ack_future) => match ack_future.await {
+                        Ok(ack) => Ok(Ack {
+                            sequence: ack.sequence,
+                            duplicate: ack.duplicate,
+                        }),
+                        Err(error) => {
+                            Err(JetStreamLog::map_publish_error(error, &subject, expected))
+                        }
+                    },
+                };
+                results.push(result);
+            }
         }
         results
     }
