@@ -1,5 +1,6 @@
 //! Generates the registry.v1 gRPC code from `proto/` with protox (no system protoc needed).
-//! Client code always; server code with the `server` feature (used by registry-api). The
+//! Messages and client code always; server traits with the `server` feature (used by
+//! registry-api), generated apart so that Discover can answer with pre-encoded instances. The
 //! encoded descriptor set is written too, for gRPC server reflection.
 
 use std::path::PathBuf;
@@ -18,7 +19,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .build_client(true)
-        .build_server(std::env::var_os("CARGO_FEATURE_SERVER").is_some())
-        .compile_fds(descriptors)?;
+        .build_server(false)
+        .compile_fds(descriptors.clone())?;
+    if std::env::var_os("CARGO_FEATURE_SERVER").is_some() {
+        // The server traits alone, on the types above, except that Discover answers with
+        // `proto::wire::EncodedDiscoverResponse`: the same bytes on the wire, built from
+        // instances the server encoded once instead of on every call.
+        let server_dir = out_dir.join("server");
+        std::fs::create_dir_all(&server_dir)?;
+        tonic_prost_build::configure()
+            .build_client(false)
+            .build_server(true)
+            .out_dir(&server_dir)
+            .extern_path(".registry.v1", "crate::proto")
+            .extern_path(
+                ".registry.v1.DiscoverResponse",
+                "crate::proto::wire::EncodedDiscoverResponse",
+            )
+            .compile_fds(descriptors)?;
+    }
     Ok(())
 }

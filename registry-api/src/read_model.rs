@@ -6,13 +6,15 @@
 //! own sequence to be applied ([`ReadModel::wait_applied`]) before answering, which gives read
 //! your writes without ever applying anything out of stream order.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use event_log::fold::{Applied, Fold, InstanceState};
 use event_log::{EventLog, EventType, Record, StreamKind};
 use futures::StreamExt;
+use prost::bytes::Bytes;
+use sdk::proto::wire;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -94,9 +96,38 @@ pub enum WatchStart {
     Resume(Vec<Arc<Change>>),
 }
 
+/// What Discover needs of a live instance without touching the fold: its filters, and its wire
+/// encoding, made once per change instead of on every call.
+#[derive(Debug)]
+struct LiveInstance {
+    healthy: bool,
+    isolate: bool,
+    encoded: Bytes,
+}
+
+/// A live instance as [`ReadModel::with_encoded`] shows it.
+#[derive(Debug, Clone, Copy)]
+pub struct EncodedInstance<'a> {
+    /// Healthy, as the health engine last said.
+    pub healthy: bool,
+    /// Isolated by an operator.
+    pub isolate: bool,
+    /// Its `registry.v1.Instance` encoding.
+    pub encoded: &'a Bytes,
+    id: &'a str,
+    fold: &'a Fold,
+}
+
+impl<'a> EncodedInstance<'a> {
+    /// The instance's full state (a lookup in the fold).
+    pub fn state(&self) -> Option<&'a InstanceState> {
+        self.fold.get(self.id)
+    }
+}
+
 #[derive(Debug)]
 struct ServiceEntry {
-    live: BTreeSet<String>,
+    live: BTreeMap<String, LiveInstance>,
     revision: u64,
     history: VecDeque<Arc<Change>>,
     /// Sequence of the newest change evicted from `history` (0: none yet).
@@ -107,7 +138,7 @@ struct ServiceEntry {
 impl ServiceEntry {
     fn new(buffer: usize) -> ServiceEntry {
         ServiceEntry {
-            live: BTreeSet::new(),
+            live: BTreeMap::new(),
             revision: 0,
             history: VecDeque::new(),
             evicted_through: 0,
@@ -234,7 +265,12 @@ impl ReadModel {
                         entry.live.remove(&instance.id);
                         ChangeKind::Deleted
                     } else {
-                        entry.live.insert(instance.id.clone());
+                        let live = LiveInstance {
+                            healthy: instance.healthy,
+                            isolate: instance.isolate,
+                            encoded: wire::encode_instance(&crate::convert::instance(instance)),
+                        };
+                        entry.live.insert(instance.id.clone(), live);
                         ChangeKind::Upserted
                     };
                     entry.revision = record.sequence;
@@ -297,8 +333,31 @@ impl ReadModel {
         let entry = state
             .services
             .get(&(namespace.to_owned(), service.to_owned()))?;
-        let mut instances = entry.live.iter().filter_map(|id| state.fold.get(id));
+        let mut instances = entry.live.keys().filter_map(|id| state.fold.get(id));
         Some(f(entry.revision, &mut instances))
+    }
+
+    /// Runs `f` on the service's revision and live instances in their encoded form (`None` for
+    /// an unknown service), in instance id order.
+    pub fn with_encoded<T>(
+        &self,
+        namespace: &str,
+        service: &str,
+        f: impl FnOnce(u64, usize, &mut dyn Iterator<Item = EncodedInstance<'_>>) -> T,
+    ) -> Option<T> {
+        let state = self.read();
+        let entry = state
+            .services
+            .get(&(namespace.to_owned(), service.to_owned()))?;
+        let fold = &state.fold;
+        let mut instances = entry.live.iter().map(|(id, live)| EncodedInstance {
+            healthy: live.healthy,
+            isolate: live.isolate,
+            encoded: &live.encoded,
+            id,
+            fold,
+        });
+        Some(f(entry.revision, entry.live.len(), &mut instances))
     }
 
     /// Subscribes to a service: how to start (snapshot or resumed changes) and the live
@@ -334,7 +393,7 @@ impl ReadModel {
             WatchStart::Snapshot {
                 instances: entry
                     .live
-                    .iter()
+                    .keys()
                     .filter_map(|id| state.fold.get(id))
                     .cloned()
                     .collect(),
@@ -370,7 +429,7 @@ impl ReadModel {
                     isolated: 0,
                     revision: entry.revision,
                 };
-                for instance in entry.live.iter().filter_map(|id| state.fold.get(id)) {
+                for instance in entry.live.keys().filter_map(|id| state.fold.get(id)) {
                     summary.total += 1;
                     summary.healthy += u32::from(instance.healthy);
                     summary.isolated += u32::from(instance.isolate);

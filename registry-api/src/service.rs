@@ -14,7 +14,7 @@ use event_log::event::{
 use event_log::fold::InstanceState;
 use event_log::{Append, Envelope, EventLog, StreamKind};
 use futures::{Stream, StreamExt};
-use sdk::proto;
+use sdk::proto::{self, wire};
 use sdk::proto::registry_server::Registry;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -485,33 +485,40 @@ impl Registry for RegistryService {
     async fn discover(
         &self,
         request: Request<proto::DiscoverRequest>,
-    ) -> std::result::Result<Response<proto::DiscoverResponse>, Status> {
+    ) -> std::result::Result<Response<wire::EncodedDiscoverResponse>, Status> {
         let request = request.into_inner();
         validate::service(&request.namespace, &request.service)?;
         validate::selector(&request.metadata_selector)?;
         let response = self
             .model
-            .with_service(
+            .with_encoded(
                 &request.namespace,
                 &request.service,
-                |revision, instances| {
+                |revision, count, instances| {
                     if request.revision != 0 && request.revision == revision {
-                        return proto::DiscoverResponse {
+                        return wire::EncodedDiscoverResponse {
                             not_modified: true,
                             revision,
                             instances: Vec::new(),
                         };
                     }
-                    let instances = instances
-                        .filter(|state| !request.healthy_only || state.healthy)
-                        .filter(|state| request.include_isolated || !state.isolate)
-                        .filter(|state| matches_selector(state, &request.metadata_selector))
-                        .map(convert::instance)
-                        .collect();
-                    proto::DiscoverResponse {
+                    let mut selected = Vec::with_capacity(count);
+                    selected.extend(
+                        instances
+                            .filter(|live| !request.healthy_only || live.healthy)
+                            .filter(|live| request.include_isolated || !live.isolate)
+                            .filter(|live| {
+                                request.metadata_selector.is_empty()
+                                    || live.state().is_some_and(|state| {
+                                        matches_selector(state, &request.metadata_selector)
+                                    })
+                            })
+                            .map(|live| live.encoded.clone()),
+                    );
+                    wire::EncodedDiscoverResponse {
                         not_modified: false,
                         revision,
-                        instances,
+                        instances: selected,
                     }
                 },
             )

@@ -112,6 +112,11 @@ pub mod proto {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("registry.v1");
 
+    #[cfg(feature = "server")]
+    include!(concat!(env!("OUT_DIR"), "/server/registry.v1.rs"));
+
+    pub mod wire;
+
     /// Encoded `FileDescriptorSet` of `registry.v1`, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/registry_descriptor.bin"));

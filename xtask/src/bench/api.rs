@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use sdk::proto;
+use sdk::proto::{self, wire};
 use sdk::proto::registry_client::RegistryClient;
 use serde_json::json;
 use tonic::transport::Channel;
@@ -45,16 +45,40 @@ pub(crate) async fn connect(
     address: &str,
     connections: usize,
 ) -> Result<Vec<RegistryClient<Channel>>> {
-    let mut clients = Vec::with_capacity(connections);
+    Ok(channels(address, connections)
+        .await?
+        .into_iter()
+        .map(|channel| RegistryClient::new(channel).max_decoding_message_size(64 << 20))
+        .collect())
+}
+
+/// `connections` HTTP/2 connections to `address`.
+pub(crate) async fn channels(address: &str, connections: usize) -> Result<Vec<Channel>> {
+    let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections.max(1) {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
             .tcp_nodelay(true)
             .connect()
             .await
             .with_context(|| format!("connecting to registryd at {address}"))?;
-        clients.push(RegistryClient::new(channel).max_decoding_message_size(64 << 20));
+        channels.push(channel);
     }
-    Ok(clients)
+    Ok(channels)
+}
+
+/// One Discover call that keeps the instances encoded, as a proxy or a cache would: the same
+/// bytes as a `DiscoverResponse`, without spending the load generator's share of the cores on
+/// decoding every instance.
+async fn discover_encoded(
+    channel: Channel,
+    request: proto::DiscoverRequest,
+) -> Result<wire::EncodedDiscoverResponse> {
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
+    grpc.ready().await.map_err(|error| anyhow!("{error}"))?;
+    let codec =
+        tonic_prost::ProstCodec::<proto::DiscoverRequest, wire::EncodedDiscoverResponse>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/registry.v1.Registry/Discover");
+    bounded(grpc.unary(tonic::Request::new(request), path, codec)).await
 }
 
 /// The instances a scenario registered.
@@ -304,7 +328,7 @@ fn single_service_name(index: usize) -> String {
 /// Discover calls on random services of the population (healthy instances only, as a
 /// consumer asks), or with the current revision so that the answer is "not modified".
 pub(crate) async fn discover(
-    clients: &[RegistryClient<Channel>],
+    channels: &[Channel],
     population: &Population,
     processes: &Processes,
     concurrency: usize,
@@ -313,41 +337,42 @@ pub(crate) async fn discover(
 ) -> Result<LoadResult> {
     let services = Arc::clone(&population.services);
     let revisions: Arc<Vec<u64>> = if not_modified {
-        let mut client = clients[0].clone();
         let mut revisions = Vec::with_capacity(services.len());
         for service in services.iter() {
-            let response = client
-                .discover(proto::DiscoverRequest {
+            let response = discover_encoded(
+                channels[0].clone(),
+                proto::DiscoverRequest {
                     namespace: NAMESPACE.into(),
                     service: service.clone(),
                     ..Default::default()
-                })
-                .await?
-                .into_inner();
+                },
+            )
+            .await?;
             revisions.push(response.revision);
         }
         Arc::new(revisions)
     } else {
         Arc::new(Vec::new())
     };
-    let clients = clients.to_vec();
+    let channels = channels.to_vec();
     closed_loop(concurrency, window, processes, move |worker, iteration| {
-        let mut client = clients[worker % clients.len()].clone();
+        let channel = channels[worker % channels.len()].clone();
         // A fixed stride through the services: spread, deterministic, no RNG needed.
         let index = (worker * 7919 + iteration as usize * 104_729) % services.len();
         let service = services[index].clone();
         let revision = revisions.get(index).copied().unwrap_or(0);
         async move {
-            let response = client
-                .discover(proto::DiscoverRequest {
+            let response = discover_encoded(
+                channel,
+                proto::DiscoverRequest {
                     namespace: NAMESPACE.into(),
                     service,
                     healthy_only: true,
                     revision,
                     ..Default::default()
-                })
-                .await?
-                .into_inner();
+                },
+            )
+            .await?;
             if revision == 0 && response.instances.is_empty() {
                 bail!("Discover answered no instance");
             }

@@ -908,12 +908,13 @@ async fn api_scenarios(
     let population = registered.population;
 
     if wants(&bench.options, Scenario::Discovery) {
+        let channels = api::channels(&registryd.address, sizes.connections).await?;
         let mut levels = Vec::new();
         let mut best: Option<LoadResult> = None;
         for &concurrency in &sizes.discovery_concurrency {
             eprintln!("bench: discovery, {concurrency} in flight");
             let result = api::discover(
-                &clients,
+                &channels,
                 &population,
                 &processes,
                 concurrency,
@@ -942,7 +943,7 @@ async fn api_scenarios(
         let concurrency = *sizes.discovery_concurrency.last().unwrap_or(&1);
         let singles = api::register_singles(&clients, sizes.services).await?;
         let single = api::discover(
-            &clients,
+            &channels,
             &singles,
             &processes,
             concurrency,
@@ -957,7 +958,7 @@ async fn api_scenarios(
             Some(&single.cpu),
         );
         let not_modified = api::discover(
-            &clients,
+            &channels,
             &population,
             &processes,
             concurrency,
