@@ -509,7 +509,9 @@ impl DurableConsumer for JetStreamConsumer {
             newest = self.delivered.pop_front();
         }
         if let Some((_, acker)) = newest {
-            acker.ack().await.map_err(unavailable)?;
+            // Confirmed by the server: a plain ack is only sent, and a consumer reopened right
+            // after could still be handed the acknowledged records again.
+            acker.double_ack().await.map_err(unavailable)?;
         }
         Ok(())
     }

@@ -209,6 +209,7 @@ pub trait DurableConsumer: Send + std::fmt::Debug {
     /// right away, at most `max` records, in stream order. Empty after `wait` with nothing new.
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>>;
 
-    /// Acknowledges every delivered record up to and including `sequence`.
+    /// Acknowledges every delivered record up to and including `sequence`. Returns once the
+    /// log has recorded it: a consumer of the same name opened afterwards starts after it.
     async fn ack_through(&mut self, sequence: u64) -> Result<()>;
 }
