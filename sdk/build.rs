@@ -24,13 +24,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("CARGO_FEATURE_SERVER").is_some() {
         // The server traits alone, on the types above, except that Discover answers with
         // `proto::wire::EncodedDiscoverResponse`: the same bytes on the wire, built from
-        // instances the server encoded once instead of on every call.
+        // instances the server encoded once instead of on every call. `ServerCodec` writes
+        // each response into a buffer of its exact size.
         let server_dir = out_dir.join("server");
         std::fs::create_dir_all(&server_dir)?;
         tonic_prost_build::configure()
             .build_client(false)
             .build_server(true)
             .out_dir(&server_dir)
+            .codec_path("crate::proto::wire::ServerCodec")
             .extern_path(".registry.v1", "crate::proto")
             .extern_path(
                 ".registry.v1.DiscoverResponse",

@@ -7,7 +7,7 @@
 //! your writes without ever applying anything out of stream order.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use event_log::fold::{Applied, Fold, InstanceState};
@@ -105,29 +105,44 @@ struct LiveInstance {
     encoded: Bytes,
 }
 
-/// A live instance as [`ReadModel::with_encoded`] shows it.
+/// Which live instances Discover wants.
 #[derive(Debug, Clone, Copy)]
-pub struct EncodedInstance<'a> {
-    /// Healthy, as the health engine last said.
-    pub healthy: bool,
-    /// Isolated by an operator.
-    pub isolate: bool,
-    /// Its `registry.v1.Instance` encoding.
-    pub encoded: &'a Bytes,
-    id: &'a str,
-    fold: &'a Fold,
+pub struct DiscoverFilter<'a> {
+    /// Only the healthy ones.
+    pub healthy_only: bool,
+    /// The isolated ones too.
+    pub include_isolated: bool,
+    /// Only those whose metadata has all these entries.
+    pub selector: &'a HashMap<String, String>,
 }
 
-impl<'a> EncodedInstance<'a> {
-    /// The instance's full state (a lookup in the fold).
-    pub fn state(&self) -> Option<&'a InstanceState> {
-        self.fold.get(self.id)
+impl DiscoverFilter<'_> {
+    fn admits(&self, live: &LiveInstance) -> bool {
+        (!self.healthy_only || live.healthy) && (self.include_isolated || !live.isolate)
     }
+
+    /// Index of the cached answer for this filter (none with a selector).
+    fn cache_slot(&self) -> Option<usize> {
+        self.selector
+            .is_empty()
+            .then_some(usize::from(self.healthy_only) * 2 + usize::from(self.include_isolated))
+    }
+}
+
+/// Whether `state`'s metadata has every entry of `selector`.
+pub fn matches_selector(state: &InstanceState, selector: &HashMap<String, String>) -> bool {
+    selector
+        .iter()
+        .all(|(key, value)| state.metadata.get(key) == Some(value))
 }
 
 #[derive(Debug)]
 struct ServiceEntry {
     live: BTreeMap<String, LiveInstance>,
+    /// Discover's answers without a selector, by [`DiscoverFilter::cache_slot`]: built by the
+    /// first call after a change (one contiguous buffer), then copied by every call until the
+    /// next change, which clears them.
+    answers: [OnceLock<wire::EncodedInstances>; 4],
     revision: u64,
     history: VecDeque<Arc<Change>>,
     /// Sequence of the newest change evicted from `history` (0: none yet).
@@ -139,6 +154,7 @@ impl ServiceEntry {
     fn new(buffer: usize) -> ServiceEntry {
         ServiceEntry {
             live: BTreeMap::new(),
+            answers: Default::default(),
             revision: 0,
             history: VecDeque::new(),
             evicted_through: 0,
@@ -274,6 +290,7 @@ impl ReadModel {
                         ChangeKind::Upserted
                     };
                     entry.revision = record.sequence;
+                    entry.answers = Default::default();
                     let change = Arc::new(Change {
                         sequence: record.sequence,
                         kind,
@@ -337,27 +354,48 @@ impl ReadModel {
         Some(f(entry.revision, &mut instances))
     }
 
-    /// Runs `f` on the service's revision and live instances in their encoded form (`None` for
-    /// an unknown service), in instance id order.
-    pub fn with_encoded<T>(
+    /// Discover: the service's revision and, unless `known_revision` is current, the live
+    /// instances `filter` admits, encoded, in instance id order (`None` for an unknown
+    /// service).
+    pub fn discover(
         &self,
         namespace: &str,
         service: &str,
-        f: impl FnOnce(u64, usize, &mut dyn Iterator<Item = EncodedInstance<'_>>) -> T,
-    ) -> Option<T> {
+        known_revision: u64,
+        filter: DiscoverFilter<'_>,
+    ) -> Option<(u64, Option<wire::EncodedInstances>)> {
         let state = self.read();
         let entry = state
             .services
             .get(&(namespace.to_owned(), service.to_owned()))?;
-        let fold = &state.fold;
-        let mut instances = entry.live.iter().map(|(id, live)| EncodedInstance {
-            healthy: live.healthy,
-            isolate: live.isolate,
-            encoded: &live.encoded,
-            id,
-            fold,
-        });
-        Some(f(entry.revision, entry.live.len(), &mut instances))
+        if known_revision != 0 && known_revision == entry.revision {
+            return Some((entry.revision, None));
+        }
+        let build = || {
+            let admitted = entry.live.iter().filter(|(id, live)| {
+                filter.admits(live)
+                    && (filter.selector.is_empty()
+                        || state
+                            .fold
+                            .get(id.as_str())
+                            .is_some_and(|state| matches_selector(state, filter.selector)))
+            });
+            let size = entry
+                .live
+                .values()
+                .next()
+                .map_or(0, |live| live.encoded.len());
+            let mut builder = wire::EncodedInstances::builder(entry.live.len(), size);
+            for (_, live) in admitted {
+                builder.push(&live.encoded);
+            }
+            builder.finish()
+        };
+        let instances = match filter.cache_slot() {
+            Some(slot) => entry.answers[slot].get_or_init(build).clone(),
+            None => build(),
+        };
+        Some((entry.revision, Some(instances)))
     }
 
     /// Subscribes to a service: how to start (snapshot or resumed changes) and the live

@@ -14,8 +14,8 @@ use event_log::event::{
 use event_log::fold::InstanceState;
 use event_log::{Append, Envelope, EventLog, StreamKind};
 use futures::{Stream, StreamExt};
-use sdk::proto::{self, wire};
 use sdk::proto::registry_server::Registry;
+use sdk::proto::{self, wire};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -24,7 +24,9 @@ use crate::convert;
 use crate::error::{Error, Result};
 use crate::heartbeats::Batcher;
 use crate::metrics::ApiMetrics;
-use crate::read_model::{Change, ChangeKind, REQUEST_MSG_ID_PREFIX, ReadModel, WatchStart};
+use crate::read_model::{
+    Change, ChangeKind, DiscoverFilter, REQUEST_MSG_ID_PREFIX, ReadModel, WatchStart,
+};
 use crate::validate::{self, Target};
 
 /// How often a write that lost an optimistic-concurrency race without the caller asking for a
@@ -284,15 +286,6 @@ fn change_message(change: &Change) -> proto::WatchResponse {
     }
 }
 
-fn matches_selector(
-    state: &InstanceState,
-    selector: &std::collections::HashMap<String, String>,
-) -> bool {
-    selector
-        .iter()
-        .all(|(key, value)| state.metadata.get(key) == Some(value))
-}
-
 #[tonic::async_trait]
 impl Registry for RegistryService {
     async fn register_instance(
@@ -489,40 +482,29 @@ impl Registry for RegistryService {
         let request = request.into_inner();
         validate::service(&request.namespace, &request.service)?;
         validate::selector(&request.metadata_selector)?;
-        let response = self
-            .model
-            .with_encoded(
-                &request.namespace,
-                &request.service,
-                |revision, count, instances| {
-                    if request.revision != 0 && request.revision == revision {
-                        return wire::EncodedDiscoverResponse {
-                            not_modified: true,
-                            revision,
-                            instances: Vec::new(),
-                        };
-                    }
-                    let mut selected = Vec::with_capacity(count);
-                    selected.extend(
-                        instances
-                            .filter(|live| !request.healthy_only || live.healthy)
-                            .filter(|live| request.include_isolated || !live.isolate)
-                            .filter(|live| {
-                                request.metadata_selector.is_empty()
-                                    || live.state().is_some_and(|state| {
-                                        matches_selector(state, &request.metadata_selector)
-                                    })
-                            })
-                            .map(|live| live.encoded.clone()),
-                    );
-                    wire::EncodedDiscoverResponse {
-                        not_modified: false,
-                        revision,
-                        instances: selected,
-                    }
-                },
-            )
-            .unwrap_or_default();
+        let filter = DiscoverFilter {
+            healthy_only: request.healthy_only,
+            include_isolated: request.include_isolated,
+            selector: &request.metadata_selector,
+        };
+        let response = match self.model.discover(
+            &request.namespace,
+            &request.service,
+            request.revision,
+            filter,
+        ) {
+            None => wire::EncodedDiscoverResponse::default(),
+            Some((revision, None)) => wire::EncodedDiscoverResponse {
+                not_modified: true,
+                revision,
+                ..Default::default()
+            },
+            Some((revision, Some(instances))) => wire::EncodedDiscoverResponse {
+                not_modified: false,
+                revision,
+                instances,
+            },
+        };
         Ok(Response::new(response))
     }
 

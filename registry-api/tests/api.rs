@@ -359,6 +359,28 @@ async fn discover_filters_and_answers_not_modified() {
         .unwrap()
         .into_inner();
     assert!(!stale.not_modified);
+    assert_eq!(
+        stale.instances, all.instances,
+        "the same answer, rebuilt or not"
+    );
+    // A change replaces the answers built before it.
+    api.client
+        .update_instance(proto::UpdateInstanceRequest {
+            instance: by_id(&second.instance_id),
+            isolate: Some(false),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let after = api
+        .client
+        .discover(discover(0, false, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.instances.len(), 2, "no longer isolated, so visible");
+    assert!(after.revision > all.revision);
+    assert!(after.instances.iter().all(|instance| !instance.isolate));
     let unknown = api
         .client
         .discover(proto::DiscoverRequest {
