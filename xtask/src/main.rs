@@ -221,6 +221,11 @@ fn ci() -> Result<()> {
     Ok(())
 }
 
+/// mimalloc, as registryd uses: the bench's load generator shares the cores with what it
+/// measures, and glibc malloc was a tenth of its time under Discover load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use sdk::proto::{self, wire};
 use sdk::proto::registry_client::RegistryClient;
+use sdk::proto::{self, wire};
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -77,7 +77,8 @@ async fn discover_encoded(
     grpc.ready().await.map_err(|error| anyhow!("{error}"))?;
     let codec =
         tonic_prost::ProstCodec::<proto::DiscoverRequest, wire::EncodedDiscoverResponse>::default();
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/registry.v1.Registry/Discover");
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/registry.v1.Registry/Discover");
     bounded(grpc.unary(tonic::Request::new(request), path, codec)).await
 }
 
