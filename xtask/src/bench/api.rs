@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use sdk::proto;
 use sdk::proto::registry_client::RegistryClient;
-use sdk::proto::{self, wire};
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -66,17 +66,61 @@ pub(crate) async fn channels(address: &str, connections: usize) -> Result<Vec<Ch
     Ok(channels)
 }
 
-/// One Discover call that keeps the instances encoded, as a proxy or a cache would: the same
-/// bytes as a `DiscoverResponse`, without spending the load generator's share of the cores on
-/// decoding every instance.
-async fn discover_encoded(
+/// Discover's answer as the load generator reads it: the flags, and how many instances (each
+/// checked to be a well-formed length-delimited entry and skipped unread). The server's work
+/// and the bytes on the wire are those of any client; the load generator shares the cores with
+/// the server, so it does not spend them building instance structs it would throw away.
+#[derive(Clone, PartialEq, Default, Debug)]
+struct DiscoverTally {
+    not_modified: bool,
+    revision: u64,
+    instances: usize,
+}
+
+impl prost::Message for DiscoverTally {
+    fn encode_raw(&self, _buf: &mut impl prost::bytes::BufMut) {
+        // Only ever decoded; the requests are `DiscoverRequest`s.
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl prost::bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        match tag {
+            1 => prost::encoding::bool::merge(wire_type, &mut self.not_modified, buf, ctx),
+            2 => prost::encoding::uint64::merge(wire_type, &mut self.revision, buf, ctx),
+            3 => {
+                prost::encoding::check_wire_type(
+                    prost::encoding::WireType::LengthDelimited,
+                    wire_type,
+                )?;
+                self.instances += 1;
+                prost::encoding::skip_field(wire_type, tag, buf, ctx)
+            }
+            _ => prost::encoding::skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        0
+    }
+
+    fn clear(&mut self) {
+        *self = DiscoverTally::default();
+    }
+}
+
+/// One Discover call, read as a [`DiscoverTally`].
+async fn discover_tally(
     channel: Channel,
     request: proto::DiscoverRequest,
-) -> Result<wire::EncodedDiscoverResponse> {
+) -> Result<DiscoverTally> {
     let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(64 << 20);
     grpc.ready().await.map_err(|error| anyhow!("{error}"))?;
-    let codec =
-        tonic_prost::ProstCodec::<proto::DiscoverRequest, wire::EncodedDiscoverResponse>::default();
+    let codec = tonic_prost::ProstCodec::<proto::DiscoverRequest, DiscoverTally>::default();
     let path =
         tonic::codegen::http::uri::PathAndQuery::from_static("/registry.v1.Registry/Discover");
     bounded(grpc.unary(tonic::Request::new(request), path, codec)).await
@@ -340,7 +384,7 @@ pub(crate) async fn discover(
     let revisions: Arc<Vec<u64>> = if not_modified {
         let mut revisions = Vec::with_capacity(services.len());
         for service in services.iter() {
-            let response = discover_encoded(
+            let response = discover_tally(
                 channels[0].clone(),
                 proto::DiscoverRequest {
                     namespace: NAMESPACE.into(),
@@ -363,7 +407,7 @@ pub(crate) async fn discover(
         let service = services[index].clone();
         let revision = revisions.get(index).copied().unwrap_or(0);
         async move {
-            let response = discover_encoded(
+            let response = discover_tally(
                 channel,
                 proto::DiscoverRequest {
                     namespace: NAMESPACE.into(),
@@ -374,7 +418,7 @@ pub(crate) async fn discover(
                 },
             )
             .await?;
-            if revision == 0 && response.instances.is_empty() {
+            if revision == 0 && response.instances == 0 {
                 bail!("Discover answered no instance");
             }
             Ok(1)
