@@ -220,8 +220,8 @@ pub async fn append_many_keeps_order(log: &dyn EventLog) {
 }
 
 /// Batches larger than the publisher's in-flight limit, several at once, all complete in order
-/// (one batch of more than the client's 5,000 pending acknowledgements used to stall every
-/// writer forever).
+/// (one batch of more than the client's limit of pending acknowledgements, 5,000 by default,
+/// used to stall every writer forever).
 pub async fn large_concurrent_batches_complete(log: &dyn EventLog) {
     let batch = |name: &str, count: usize| {
         (0..count)

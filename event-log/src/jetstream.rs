@@ -54,9 +54,11 @@ pub struct JetStreamLog {
     client: async_nats::Client,
     context: jetstream::Context,
     /// Our count of the client's ack permits. A window takes all of its permits at once before
-    /// it sends anything, so no caller ever waits for a permit while holding unawaited
-    /// publishes: otherwise callers holding some permits each and waiting for more could
-    /// starve each other forever (a single batch larger than the client's limit did).
+    /// it sends anything, so callers never hold some permits each while waiting for more and
+    /// starve each other forever (a single batch larger than the client's limit did). One
+    /// exception, bounded: a caller dropped mid-window hands its unawaited acknowledgements to
+    /// the client, which keeps their permits until they arrive or time out (`ack_timeout`)
+    /// while ours are already free, so a publish may briefly wait inside the client.
     acks_in_flight: Arc<tokio::sync::Semaphore>,
     streams: Streams,
     config: JetStreamConfig,
@@ -301,21 +303,29 @@ impl EventLog for JetStreamLog {
                 let sent = self.context.send_publish(subject, message).await;
                 pending.push((subject_and_expected, sent));
             }
-            for ((subject, expected), sent) in pending {
-                let result = match sent {
-                    Err(error) => Err(JetStreamLog::map_publish_error(error, &subject, expected)),
-                    Ok(ack_future) => match ack_future.await {
-                        Ok(ack) => Ok(Ack {
-                            sequence: ack.sequence,
-                            duplicate: ack.duplicate,
-                        }),
+            // Awaited together, in order: each acknowledgement's timeout starts when it is first
+            // polled, so a window whose replies were lost (a reconnect) fails after one
+            // `ack_timeout`, not one per message.
+            let acknowledged = futures::future::join_all(pending.into_iter().map(
+                |((subject, expected), sent)| async move {
+                    match sent {
                         Err(error) => {
                             Err(JetStreamLog::map_publish_error(error, &subject, expected))
                         }
-                    },
-                };
-                results.push(result);
-            }
+                        Ok(ack_future) => match ack_future.await {
+                            Ok(ack) => Ok(Ack {
+                                sequence: ack.sequence,
+                                duplicate: ack.duplicate,
+                            }),
+                            Err(error) => {
+                                Err(JetStreamLog::map_publish_error(error, &subject, expected))
+                            }
+                        },
+                    }
+                },
+            ))
+            .await;
+            results.extend(acknowledged);
         }
         results
     }
@@ -499,20 +509,20 @@ impl DurableConsumer for JetStreamConsumer {
 
     async fn ack_through(&mut self, sequence: u64) -> Result<()> {
         // With AckPolicy::All, acknowledging the newest delivered record at or below `sequence`
-        // acknowledges everything before it.
-        let mut newest = None;
-        while self
+        // acknowledges everything before it. `delivered` is in stream order.
+        let through = self
             .delivered
-            .front()
-            .is_some_and(|(delivered, _)| *delivered <= sequence)
-        {
-            newest = self.delivered.pop_front();
+            .partition_point(|(delivered, _)| *delivered <= sequence);
+        if through == 0 {
+            return Ok(());
         }
-        if let Some((_, acker)) = newest {
+        if let Some((_, acker)) = self.delivered.get(through - 1) {
             // Confirmed by the server: a plain ack is only sent, and a consumer reopened right
-            // after could still be handed the acknowledged records again.
+            // after could still be handed the acknowledged records again. Forgotten only once
+            // confirmed, so a caller retrying after a failure acknowledges them for real.
             acker.double_ack().await.map_err(unavailable)?;
         }
+        self.delivered.drain(..through);
         Ok(())
     }
 }
