@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, stream};
 use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable as _};
 use futures::{FutureExt, StreamExt};
 
 use crate::error::{Error, Result};
@@ -62,6 +63,17 @@ pub struct JetStreamLog {
     acks_in_flight: Arc<tokio::sync::Semaphore>,
     streams: Streams,
     config: JetStreamConfig,
+}
+
+/// The server's "error creating store for stream" (10049): it reports some passing failures
+/// only this way (the cause goes to its own log), and the same request usually succeeds a
+/// moment later. Seen once in CI on a private nats-server 2.9.10.
+fn store_creation_failed(error: &jetstream::context::CreateStreamError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::context::CreateStreamErrorKind::JetStream(error)
+            if error.error_code() == jetstream::ErrorCode::STREAM_CREATE
+    )
 }
 
 fn unavailable(error: impl std::fmt::Display) -> Error {
@@ -258,10 +270,23 @@ impl EventLog for JetStreamLog {
 
     async fn ensure_streams(&self) -> Result<()> {
         for kind in [StreamKind::Events, StreamKind::Heartbeats] {
-            self.context
-                .create_or_update_stream(self.stream_config(kind))
+            let config = self.stream_config(kind);
+            let name = self.stream_name(kind);
+            (|| self.context.create_or_update_stream(config.clone()))
+                .retry(
+                    ExponentialBuilder::default()
+                        .with_min_delay(Duration::from_millis(50))
+                        .with_max_delay(Duration::from_secs(1))
+                        .with_max_times(6)
+                        .with_jitter(),
+                )
+                .when(store_creation_failed)
+                .notify(|error, delay| {
+                    tracing::warn!(stream = %name, %error, retry_in_ms = delay.as_millis() as u64,
+                        "JetStream could not create the stream's store; retrying");
+                })
                 .await
-                .map_err(|e| Error::Rejected(format!("stream {}: {e}", self.stream_name(kind))))?;
+                .map_err(|e| Error::Rejected(format!("stream {name}: {e}")))?;
         }
         Ok(())
     }
