@@ -108,6 +108,31 @@ async fn wait_until(
     }
 }
 
+/// Waits until `process`'s read model has applied the first `expected` appended events. The last
+/// appended instance is the newest of its service: when Discover shows that service at its
+/// revision, the read model has applied everything.
+async fn read_model_caught_up(process: &mut Registryd, expected: usize) -> Result<Duration> {
+    let clients = api::connect(&process.address, 1).await?;
+    let mut client = clients[0].clone();
+    let last_service = api::service_name(expected.saturating_sub(1) % SERVICES);
+    wait_until(
+        "the read model's catch-up",
+        Duration::from_secs(300),
+        process,
+        async || {
+            let response = client
+                .discover(proto::DiscoverRequest {
+                    namespace: api::NAMESPACE.into(),
+                    service: last_service.clone(),
+                    ..Default::default()
+                })
+                .await;
+            Ok(response.is_ok_and(|r| r.into_inner().revision >= expected as u64))
+        },
+    )
+    .await
+}
+
 /// Resident set of `pid` once it stopped growing (two readings 500 ms apart within 1 %).
 async fn settled_rss(pid: u32) -> Result<u64> {
     let mut last = procfs::rss_bytes(pid).ok_or_else(|| anyhow!("process {pid} is gone"))?;
@@ -168,25 +193,7 @@ impl Setup<'_> {
             },
             true,
         )?;
-        let clients = api::connect(&api.address, 1).await?;
-        let mut client = clients[0].clone();
-        let last_service = api::service_name(expected.saturating_sub(1) % SERVICES);
-        wait_until(
-            "the read model's catch-up",
-            Duration::from_secs(300),
-            &mut api,
-            async || {
-                let response = client
-                    .discover(proto::DiscoverRequest {
-                        namespace: api::NAMESPACE.into(),
-                        service: last_service.clone(),
-                        ..Default::default()
-                    })
-                    .await;
-                Ok(response.is_ok_and(|r| r.into_inner().revision >= expected as u64))
-            },
-        )
-        .await?;
+        read_model_caught_up(&mut api, expected).await?;
         let rss = settled_rss(api.pid()).await?;
         let _ = api.terminate();
         Ok(rss)
@@ -210,28 +217,7 @@ impl Setup<'_> {
             },
             true,
         )?;
-        let clients = api::connect(&server.address, 1).await?;
-        let mut client = clients[0].clone();
-        // The last appended instance is the newest of its service: when Discover shows it, the
-        // read model has applied everything.
-        let last = expected.saturating_sub(1);
-        let last_service = api::service_name(last % SERVICES);
-        let read_model = wait_until(
-            "the read model's catch-up",
-            Duration::from_secs(300),
-            &mut server,
-            async || {
-                let response = client
-                    .discover(proto::DiscoverRequest {
-                        namespace: api::NAMESPACE.into(),
-                        service: last_service.clone(),
-                        ..Default::default()
-                    })
-                    .await;
-                Ok(response.is_ok_and(|r| r.into_inner().revision >= expected as u64))
-            },
-        )
-        .await?;
+        let read_model = read_model_caught_up(&mut server, expected).await?;
         wait_logged(&mut server, RECOVERED, Duration::from_secs(300)).await?;
         let rss_caught_up = settled_rss(server.pid()).await?;
         let (database, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls)

@@ -663,22 +663,28 @@ fn print_table(bench: &Bench, document: &Value) {
     }
 }
 
-async fn components_scenarios(bench: &mut Bench) {
-    let lease_args = bench.sizes.lease_bench_args.clone();
+/// Runs the component benchmark `name` (an example of its crate) on a blocking thread, with
+/// `env` added to its environment: its `RESULT` JSON.
+async fn run_component(
+    bench: &Bench,
+    name: &str,
+    args: Vec<&'static str>,
+    env: Vec<(&'static str, String)>,
+    limit: Duration,
+) -> Result<Value> {
+    let example = components::example(name);
     let processes = bench.processes.clone();
-    let limit = Duration::from_secs(if bench.options.smoke { 60 } else { 300 });
-    let lease = tokio::task::spawn_blocking(move || {
-        components::run(
-            &components::example("lease_bench"),
-            &lease_args,
-            &[],
-            &processes,
-            limit,
-        )
+    tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        components::run(&example, &args, &env, &processes, limit)
     })
-    .await
-    .map_err(anyhow::Error::from)
-    .and_then(|result| result);
+    .await?
+}
+
+async fn components_scenarios(bench: &mut Bench) {
+    let limit = Duration::from_secs(if bench.options.smoke { 60 } else { 300 });
+    let lease_args = bench.sizes.lease_bench_args.clone();
+    let lease = run_component(bench, "lease_bench", lease_args, Vec::new(), limit).await;
     match lease {
         Ok(result) => {
             let cpu: Option<CpuUse> = serde_json::from_value(result["cpu_whole_run"].clone()).ok();
@@ -730,21 +736,11 @@ async fn components_scenarios(bench: &mut Bench) {
         Err(error) => bench.report.failed("lease_bench", &error),
     }
     let projector_args = bench.sizes.projector_bench_args.clone();
-    let processes = bench.processes.clone();
-    let nats_url = bench.backends.nats_url.clone();
-    let database_url = bench.backends.admin_database_url.clone();
-    let projector = tokio::task::spawn_blocking(move || {
-        components::run(
-            &components::example("projector_bench"),
-            &projector_args,
-            &[("NATS_URL", &nats_url), ("DATABASE_URL", &database_url)],
-            &processes,
-            limit,
-        )
-    })
-    .await
-    .map_err(anyhow::Error::from)
-    .and_then(|result| result);
+    let env = vec![
+        ("NATS_URL", bench.backends.nats_url.clone()),
+        ("DATABASE_URL", bench.backends.admin_database_url.clone()),
+    ];
+    let projector = run_component(bench, "projector_bench", projector_args, env, limit).await;
     match projector {
         Ok(result) => {
             let cpu: Option<CpuUse> = serde_json::from_value(result["cpu_whole_run"].clone()).ok();
